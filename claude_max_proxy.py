@@ -1,0 +1,1365 @@
+"""claude-max-proxy: OpenAI's Chat Completions API over the Claude Code CLI.
+
+Run `python3 claude_max_proxy.py` and point any OpenAI-compatible tool at
+http://127.0.0.1:3456/v1. Each request drives the official `claude -p` in
+stream-json mode, so it is served by the user's own Claude subscription.
+
+Sections, in the order a request travels:
+  1 Configuration   2 Errors   3 Models   4 The OpenAI request (pure)
+  5 The CLI process (I/O)   6 Claude's events (pure)
+  7 The OpenAI response (pure)   8 The HTTP server (I/O)   9 main
+One thread per connection. Requests share the read-only Config and, behind
+locks on the server object, the admission gate and the set of live CLI children.
+Not supported yet: n > 1, logprobs, audio, function calling (the tools are
+accepted and not shown to the model).
+Standard library only, Python 3.9 to 3.13.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import unquote, urlsplit
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("claude-max-proxy")
+
+
+# ── 1. Configuration: argv + environment → Config ───────────────────────────
+
+ENV_PREFIX = "CLAUDE_MAX_PROXY_"
+INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 3456
+    claude: str = "claude"
+    api_key: Optional[str] = None
+    cors_origins: Tuple[str, ...] = ()
+    allowed_hosts: Tuple[str, ...] = ()
+    max_concurrency: int = 4
+    timeout: float = 600.0
+    max_retries: int = 2
+    use_api_key: bool = False
+    allow_unauthenticated_remote: bool = False
+    log_level: str = "info"
+
+
+def _env_list(value: Optional[str]) -> List[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _env_flag(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
+    """Read options from argv, falling back to CLAUDE_MAX_PROXY_* variables."""
+    env = lambda name: environ.get(ENV_PREFIX + name)  # noqa: E731
+    parser = argparse.ArgumentParser(
+        prog="claude_max_proxy.py",
+        description="Serve OpenAI's /v1/chat/completions from your Claude subscription "
+                    "through the Claude Code CLI. Every option can also be set with the "
+                    f"environment variable shown, e.g. {ENV_PREFIX}PORT=8080.")
+    add = parser.add_argument
+    add("--host", default=env("HOST") or Config.host,
+        help="address to listen on (HOST; default %(default)s)")
+    add("--port", type=int, default=int(env("PORT") or Config.port),
+        help="port to listen on (PORT; default %(default)s)")
+    add("--claude", metavar="PATH", default=env("CLAUDE") or Config.claude,
+        help="the Claude Code CLI to run (CLAUDE; default: `claude` on PATH)")
+    add("--api-key", metavar="KEY", default=env("API_KEY"),
+        help="require `Authorization: Bearer KEY` on every route but /health (API_KEY)")
+    add("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
+        help="allow browser requests from ORIGIN; repeatable, `*` for any "
+             "(CORS_ORIGINS, comma-separated; default: none)")
+    add("--allowed-host", metavar="NAME", action="append", dest="allowed_hosts",
+        help="accept this Host name too while bound to loopback; repeatable "
+             "(ALLOWED_HOSTS, comma-separated; default: loopback names only)")
+    add("--max-concurrency", metavar="N", type=int,
+        default=int(env("MAX_CONCURRENCY") or Config.max_concurrency),
+        help="CLI processes running at once; a few more requests wait briefly, "
+             "the rest get 429 (MAX_CONCURRENCY; default %(default)s)")
+    add("--timeout", metavar="SECONDS", type=float, default=float(env("TIMEOUT") or Config.timeout),
+        help="give up on a request after this long, with 504 (TIMEOUT; default %(default)s)")
+    add("--max-retries", metavar="N", type=int, default=int(env("MAX_RETRIES") or Config.max_retries),
+        help="retries the CLI makes on upstream errors (MAX_RETRIES; default %(default)s)")
+    add("--use-api-key", action="store_true", default=_env_flag(env("USE_API_KEY")),
+        help="let the CLI see ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN, which bills the API "
+             "per token instead of your subscription (USE_API_KEY=1)")
+    add("--allow-unauthenticated-remote", action="store_true",
+        default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
+        help="allow a non-loopback --host without --api-key (ALLOW_UNAUTHENTICATED_REMOTE=1)")
+    add("--log-level", choices=("debug", "info", "warning", "error"),
+        default=(env("LOG_LEVEL") or Config.log_level).lower(),
+        help="log verbosity on stderr (LOG_LEVEL; default %(default)s)")
+    add("--version", action="version", version=f"claude-max-proxy {__version__}")
+    args = parser.parse_args(argv)
+    if args.max_concurrency < 1:
+        parser.error("--max-concurrency must be at least 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    if args.max_retries < 0:
+        parser.error("--max-retries must not be negative")
+    return Config(
+        host=args.host, port=args.port, claude=args.claude, api_key=args.api_key or None,
+        cors_origins=tuple(args.cors_origins or _env_list(env("CORS_ORIGINS"))),
+        allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
+        max_concurrency=args.max_concurrency, timeout=args.timeout, max_retries=args.max_retries,
+        use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
+        log_level=args.log_level)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# ── 2. Errors: one exception type, rendered in OpenAI's envelope ────────────
+
+class ApiError(Exception):
+    """An error the client sees, as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, code: Optional[str] = None,
+                 param: Optional[str] = None, error_type: Optional[str] = None,
+                 retry_after: Optional[int] = None, headers: Sequence[Tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.error_type = error_type or (
+            "authentication_error" if status == 401 else "rate_limit_error" if status == 429
+            else "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = [*headers, *([("Retry-After", str(retry_after))] if retry_after else [])]
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+# ── 3. Models: the client's model name → the CLI's --model ──────────────────
+
+# Each family id means the newest model of that family, as in claude-max-api-proxy.
+FAMILY_MODELS = {"claude-opus-4": "opus", "claude-sonnet-4": "sonnet", "claude-haiku-4": "haiku"}
+ALIASES = ("opus", "sonnet", "haiku")
+LISTED_MODELS = (*FAMILY_MODELS, *ALIASES)
+FULL_MODEL_ID = re.compile(r"claude-[a-z0-9][a-z0-9.\-]*(\[1m\])?")
+MODELS_CREATED = 1735689600  # a fixed date: the CLI does not tell when a model was released
+
+
+def resolve_model(requested: str) -> str:
+    """Return the CLI's --model value for a client's model name, or raise a 404."""
+    name = requested.rsplit("/", 1)[-1].strip().lower()  # "openai/claude-opus-4" → "claude-opus-4"
+    if name in FAMILY_MODELS:
+        return FAMILY_MODELS[name]
+    if name in ALIASES or FULL_MODEL_ID.fullmatch(name):
+        return name
+    raise ApiError(404, f"The model '{requested}' does not exist. Use one of "
+                        f"{', '.join(LISTED_MODELS)}, or any full claude-* model id.",
+                   code="model_not_found", param="model")
+
+
+def model_object(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
+
+
+# ── 4. The OpenAI request: JSON body → ChatRequest (pure) ───────────────────
+
+# Accepted and ignored, because the CLI cannot send them upstream (PROTOCOL.md
+# §6.1) or they only mean something to OpenAI: temperature (range-checked),
+# top_p, seed, user, metadata, store, parallel_tool_calls, prompt_cache_key,
+# frequency_penalty, presence_penalty, logit_bias, service_tier, tools,
+# tool_choice, response_format, and any field we do not know.
+
+EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "xhigh": "xhigh", "max": "max"}
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True)
+class CliSettings:
+    """What a CLI process is started with; everything else arrives on stdin."""
+    model: str
+    system_prompt: str = ""
+    effort: Optional[str] = None      # --effort; None leaves the CLI's default
+    max_tokens: Optional[int] = None  # CLAUDE_CODE_MAX_OUTPUT_TOKENS
+    thinking: bool = True             # False: CLAUDE_CODE_DISABLE_THINKING=1
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str      # "user" or "assistant"
+    content: list  # Anthropic content blocks
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str                 # as the client named it; echoed in every response
+    settings: CliSettings
+    history: Tuple[Turn, ...]  # earlier turns, oldest first
+    prompt: Turn               # the final user turn, the one Claude answers
+    stream: bool = False
+    include_usage: bool = False
+    stop: Tuple[str, ...] = ()
+
+
+def parse_chat_request(body: object) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "'model' is required: name a model such as claude-sonnet-4.", param="model")
+    cli_model = resolve_model(model)
+    system_prompt, turns = parse_messages(body.get("messages"))
+    stream = _optional(body, "stream", (bool,), False)
+    stream_options = _optional(body, "stream_options", (dict,), {}) or {}
+    if _optional(body, "n", (int,), 1) != 1:
+        raise ApiError(400, "Only n=1 is supported: Claude Code returns one choice per request.", param="n")
+    if _optional(body, "logprobs", (bool,), False) or body.get("top_logprobs") is not None:
+        raise ApiError(400, "logprobs are not available through Claude Code.", param="logprobs")
+    temperature = _optional(body, "temperature", (float, int), None)
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}.", param="temperature")
+    settings = CliSettings(model=cli_model, system_prompt=system_prompt,
+                           max_tokens=_max_tokens(body), **_effort(body))
+    return ChatRequest(model=model, settings=settings, history=tuple(turns[:-1]), prompt=turns[-1],
+                       stream=bool(stream), include_usage=bool(stream_options.get("include_usage")),
+                       stop=_stop_sequences(body.get("stop")))
+
+
+def _optional(body: dict, name: str, kinds: tuple, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        kind = {bool: "boolean", int: "integer", dict: "object", str: "string"}.get(kinds[0], "number")
+        raise ApiError(400, f"'{name}' must be a {kind}, got {json.dumps(value)[:40]}.", param=name)
+    return value
+
+
+def _max_tokens(body: dict) -> Optional[int]:
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins, as at OpenAI
+        value = _optional(body, name, (int,), None)
+        if value is not None:
+            if value < 1:
+                raise ApiError(400, f"'{name}' must be at least 1, got {value}.", param=name)
+            return value
+    return None
+
+
+def _effort(body: dict) -> dict:
+    effort = _optional(body, "reasoning_effort", (str,), None)
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"thinking": False}
+    if effort not in EFFORTS:
+        raise ApiError(400, f"'reasoning_effort' must be one of none, {', '.join(EFFORTS)}; "
+                            f"got '{effort}'.", param="reasoning_effort")
+    return {"effort": EFFORTS[effort]}
+
+
+def _stop_sequences(stop: object) -> Tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to "
+                            f"{MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
+    return tuple(stops)
+
+
+def parse_messages(messages: object) -> Tuple[str, List[Turn]]:
+    """Split OpenAI messages into a system prompt and alternating Anthropic turns."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
+    system_parts: List[str] = []
+    turns: List[Turn] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, f"{where} must be an object with a 'role'.", param=where)
+        role = message["role"]
+        if role in ("system", "developer"):
+            system_parts.append(_plain_text(message.get("content"), where))
+            continue
+        if role == "user":
+            turn = Turn("user", _user_blocks(message.get("content"), where))
+        elif role == "assistant":
+            turn = Turn("assistant", _assistant_blocks(message, where))
+        elif role == "tool":
+            turn = Turn("user", [_tool_result_block(message, where)])
+        else:
+            raise ApiError(400, f"{where} has an unknown role '{role}'; use system, developer, "
+                                "user, assistant or tool.", param=f"{where}.role")
+        if not turn.content:
+            continue  # an empty message carries nothing, and Claude rejects empty text
+        if turns and turns[-1].role == turn.role:  # Claude wants roles to alternate
+            turn = Turn(turn.role, turns.pop().content + turn.content)
+        turns.append(turn)
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "The last message must be a user (or tool) message with content: "
+                            "Claude answers the user's turn.", param="messages")
+    # Claude needs tool results first in a user turn that also has text.
+    turns = [Turn(t.role, sorted(t.content, key=lambda b: b["type"] != "tool_result")) for t in turns]
+    return "\n\n".join(part for part in system_parts if part), turns
+
+
+def _plain_text(content: object, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "refusal"):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"{where}.content[{i}] has type '{kind}'; only text parts "
+                                    "are allowed here.", param=f"{where}.content[{i}]")
+            texts.append(str(part.get("text") or part.get("refusal") or ""))
+        return "\n".join(texts)
+    raise ApiError(400, f"{where}.content must be a string or an array of content parts.",
+                   param=f"{where}.content")
+
+
+def _user_blocks(content: object, where: str) -> list:
+    if not isinstance(content, list):
+        text = _plain_text(content, where)
+        return [{"type": "text", "text": text}] if text else []
+    blocks = []
+    for i, part in enumerate(content):
+        here = f"{where}.content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text"):
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{here}.text must be a string.", param=f"{here}.text")
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image_block(part.get("image_url"), here))
+        else:
+            shown = kind if kind is not None else json.dumps(part)[:40]
+            raise ApiError(400, f"{here} has type '{shown}', which cannot be sent to Claude; "
+                                "use 'text' or 'image_url' parts.", param=here)
+    return blocks
+
+
+def _image_block(image_url: object, where: str) -> dict:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}.image_url.url must be a string.", param=f"{where}.image_url")
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    match = DATA_URL.fullmatch(url.strip())
+    if not match:
+        raise ApiError(400, f"{where}.image_url.url must be an http(s) URL or a base64 data URL "
+                            "(data:image/png;base64,...).", param=f"{where}.image_url")
+    media_type, data = match["type"].lower(), re.sub(r"\s+", "", match["data"])
+    if media_type not in IMAGE_TYPES:
+        raise ApiError(400, f"{where} is a {media_type} image; Claude accepts "
+                            f"{', '.join(IMAGE_TYPES)}.", param=f"{where}.image_url")
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise ApiError(400, f"{where}.image_url.url has invalid base64 data.",
+                       param=f"{where}.image_url") from None
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _assistant_blocks(message: dict, where: str) -> list:
+    text = _plain_text(message.get("content"), where)
+    blocks = [{"type": "text", "text": text}] if text else []
+    tool_calls = message.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise ApiError(400, f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
+    for i, call in enumerate(tool_calls):
+        here = f"{where}.tool_calls[{i}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
+                or not isinstance(function.get("name"), str):
+            raise ApiError(400, f"{here} must have an 'id' and a 'function' with a 'name'.", param=here)
+        arguments = function.get("arguments") or "{}"
+        try:
+            tool_input = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            tool_input = None
+        if not isinstance(tool_input, dict):
+            raise ApiError(400, f"{here}.function.arguments must be a JSON object.",
+                           param=f"{here}.function.arguments")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": tool_input})
+    return blocks
+
+
+def _tool_result_block(message: dict, where: str) -> dict:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise ApiError(400, f"{where} is a tool message without a 'tool_call_id'.",
+                       param=f"{where}.tool_call_id")
+    return {"type": "tool_result", "tool_use_id": tool_call_id,
+            "content": _plain_text(message.get("content"), where)}
+
+
+# ── 5. The CLI process: CliSettings → a running `claude -p` (I/O) ───────────
+
+# Built-in tools off, nothing read from settings or CLAUDE.md, nothing saved.
+# Every flag uses the --flag=value form: variadic flags swallow what follows.
+CLI_FLAGS = ("-p", "--input-format=stream-json", "--output-format=stream-json", "--verbose",
+             "--include-partial-messages", "--tools=", "--setting-sources=", "--strict-mcp-config",
+             "--disable-slash-commands", "--no-session-persistence")
+BILLING_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+EXIT_GRACE_SECONDS = 2.0
+
+
+def build_cli_argv(claude: str, settings: CliSettings) -> List[str]:
+    argv = [claude, *CLI_FLAGS, f"--model={settings.model}"]
+    if settings.effort:
+        argv.append(f"--effort={settings.effort}")
+    return argv
+
+
+def build_cli_env(environ: Mapping[str, str], config: Config, settings: CliSettings) -> dict:
+    env = {k: v for k, v in environ.items() if config.use_api_key or k not in BILLING_VARIABLES}
+    env["CLAUDE_CODE_MAX_RETRIES"] = str(config.max_retries)
+    env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")  # no telemetry; starts faster
+    if settings.max_tokens is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(settings.max_tokens)
+    if not settings.thinking:
+        env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+    return env
+
+
+def stdin_line(message: dict) -> bytes:
+    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def user_line(turn: Turn, query: bool = True) -> bytes:
+    message = {"type": "user", "message": {"role": "user", "content": turn.content}}
+    if not query:
+        message["shouldQuery"] = False  # history only: the CLI adds it without calling the API
+    return stdin_line(message)
+
+
+def assistant_line(turn: Turn) -> bytes:
+    return stdin_line({"type": "assistant", "message": {"role": "assistant", "content": turn.content}})
+
+
+def control_line(request_id: str, subtype: str, **fields) -> bytes:
+    return stdin_line({"type": "control_request", "request_id": request_id,
+                       "request": {"subtype": subtype, **fields}})
+
+
+def read_cli_version(config: Config) -> str:
+    """Run `claude --version`; raise RuntimeError with a one-line fix if it cannot run."""
+    env = build_cli_env(os.environ, config, CliSettings(model="sonnet"))
+    try:
+        done = subprocess.run([config.claude, "--version"], capture_output=True, env=env, timeout=60)
+    except FileNotFoundError:
+        raise RuntimeError(f"the Claude Code CLI '{config.claude}' was not found; "
+                           f"install it with `{INSTALL_HINT}` or pass --claude PATH") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"the Claude Code CLI '{config.claude}' does not run ({exc}); "
+                           f"reinstall it with `{INSTALL_HINT}`") from None
+    output = done.stdout.decode("utf-8", "replace").strip()
+    if done.returncode != 0 or not output:
+        detail = (done.stderr.decode("utf-8", "replace").strip() or output)[-200:]
+        raise RuntimeError(f"the Claude Code CLI '{config.claude}' failed with status "
+                           f"{done.returncode} ({detail}); reinstall it with `{INSTALL_HINT}`")
+    return output.split()[0]
+
+
+class ClaudeProcess:
+    """One `claude -p` child speaking stream-json.
+
+    It starts with its settings and no conversation, so it can be started before
+    a request arrives, and each send_conversation() + result is one turn.
+    """
+
+    def __init__(self, config: Config, settings: CliSettings):
+        self.settings = settings
+        self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")  # no CLAUDE.md, no project files
+        # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
+        # stdout, and a child that fills one with warnings blocks forever.
+        self._stderr = tempfile.TemporaryFile()
+        self._lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self.turn_finished = False
+        try:
+            self.popen = subprocess.Popen(
+                build_cli_argv(config.claude, settings), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._stderr, cwd=self.workdir, env=build_cli_env(os.environ, config, settings),
+                start_new_session=True)  # Ctrl-C reaches us, and we stop the children ourselves
+        except OSError as exc:
+            self._cleanup()
+            raise ApiError(502, f"Could not start the Claude Code CLI: {exc}", code="cli_failed") from None
+        threading.Thread(target=self._read_stdout, name=f"cli-{self.popen.pid}", daemon=True).start()
+        try:  # the system prompt goes on stdin, not argv: clients send tens of KB of it
+            self.write(control_line("init", "initialize", systemPrompt=settings.system_prompt))
+        except ApiError:
+            self.close()
+            raise
+
+    def _read_stdout(self):
+        for raw in self.popen.stdout:
+            self._lines.put(raw)
+        self._lines.put(None)
+
+    def write(self, data: bytes):
+        try:
+            self.popen.stdin.write(data)
+            self.popen.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise self._exit_error() from None
+
+    def next_event(self, timeout: float) -> Optional[dict]:
+        """The next stdout line as a dict, or None if nothing came within `timeout`."""
+        try:
+            raw = self._lines.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
+        if raw is None:
+            self._lines.put(None)  # every later call sees the exit too
+            raise self._exit_error()
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise ApiError(502, "The Claude Code CLI printed something that is not stream-json: "
+                                      f"{raw[:200].decode('utf-8', 'replace').strip()!r}", code="cli_bad_output")
+        if event.get("type") == "result":
+            self.turn_finished = True
+        return event
+
+    def send_conversation(self, history: Sequence[Turn], prompt: Turn, deadline: float):
+        """Seed earlier turns, then ask the prompt (PROTOCOL.md §3.3).
+
+        An assistant line joins the history the moment it is read, while user
+        lines queue as turns; so each history user line must finish (its result
+        arrives) before the next assistant line is written.
+        """
+        for turn in history:
+            if turn.role == "assistant":
+                self.write(assistant_line(turn))
+            else:
+                self.write(user_line(turn, query=False))
+                self._await_result(deadline)
+        self.turn_finished = False
+        self.write(user_line(prompt))
+
+    def _await_result(self, deadline: float):
+        while True:
+            event = self.next_event(deadline - time.monotonic())
+            if event is None:
+                raise ApiError(504, "Timed out while the Claude Code CLI took in the conversation.",
+                               code="timeout")
+            if event.get("type") == "result":
+                return
+
+    def interrupt(self):
+        self.write(control_line("stop", "interrupt"))
+
+    def close(self):
+        """Stop the child: gently after a finished turn, at once otherwise."""
+        with self._lock:
+            if self.popen.poll() is None:
+                try:
+                    self.popen.stdin.close()  # after a result, the CLI exits by itself
+                except OSError:
+                    pass
+                if not self.turn_finished:
+                    self.popen.terminate()
+                try:
+                    self.popen.wait(EXIT_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait()
+            self._cleanup()
+
+    def _cleanup(self):
+        self._stderr.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _exit_error(self) -> ApiError:
+        try:
+            status = self.popen.wait(EXIT_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            status = None
+        try:
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        except (OSError, ValueError):
+            lines = []
+        detail = f": {lines[-1][:300]}" if lines else ""
+        return ApiError(502, f"The Claude Code CLI exited (status {status}) without "
+                                   f"an answer{detail}", code="cli_failed")
+
+
+# ── 6. Claude's events: stream-json lines → TextDelta / TurnEnd (pure) ──────
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_claude(cls, usage: Optional[dict]) -> "Usage":
+        usage = usage or {}
+        return cls(input_tokens=usage.get("input_tokens") or 0,
+                   output_tokens=usage.get("output_tokens") or 0,
+                   cache_read_tokens=usage.get("cache_read_input_tokens") or 0,
+                   cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
+                   reasoning_tokens=(usage.get("output_tokens_details") or {}).get("thinking_tokens") or 0)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    reasoning: bool = False  # thinking, sent as reasoning_content
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    stop_reason: Optional[str]  # Claude's: end_turn, max_tokens, stop_sequence, ...
+    usage: Usage
+
+
+RATE_LIMIT_RETRY_SECONDS = 60
+OVERLOADED_RETRY_SECONDS = 10
+LOGIN_HINT = "run `claude` in a terminal on this machine and log in (/login)"
+
+
+class ReplayGuard:
+    """Forwards each piece of text once, even when the CLI restarts a stream.
+
+    A dropped upstream stream is retried by the CLI from the start
+    (`abandoned_blocks`). Text already sent cannot be taken back, so the retry
+    must repeat it; only what goes beyond it is new.
+    """
+
+    def __init__(self):
+        self.sent: List[str] = []
+        self.replay: Optional[str] = None  # after a restart: sent text the retry must repeat
+        self.position = 0
+
+    def restart(self):
+        self.replay, self.position = "".join(self.sent), 0
+
+    def feed(self, text: str) -> str:
+        if self.replay is None:
+            self.sent.append(text)
+            return text
+        expected = self.replay[self.position:self.position + len(text)]
+        if not text.startswith(expected):
+            raise ApiError(502, "The upstream stream broke off and Claude's retry wrote a different "
+                                      "answer, so the text already sent is incomplete; retry the request.",
+                                 code="upstream_stream_restarted")
+        self.position += len(expected)
+        if self.position == len(self.replay):
+            self.replay = None
+        new = text[len(expected):]
+        if new:
+            self.sent.append(new)
+        return new
+
+
+class StopScanner:
+    """Cuts text at the first stop sequence, holding back what may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def feed(self, text: str) -> Tuple[str, bool]:
+        """Return (text safe to emit, whether a stop sequence was found)."""
+        if not self.stops:
+            return text, False
+        buffer = self.held + text
+        hits = [i for i in (buffer.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buffer[:min(hits)], True
+        keep = next((n for n in range(min(len(buffer), max(map(len, self.stops)) - 1), 0, -1)
+                     if any(stop.startswith(buffer[-n:]) for stop in self.stops)), 0)
+        self.held = buffer[len(buffer) - keep:]
+        return buffer[:len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+class TurnTranslator:
+    """Turns one turn's stream-json events into TextDelta and TurnEnd.
+
+    `live` means the text goes straight to a client and cannot be retracted;
+    otherwise a restarted stream simply starts the answer over. `stop_requested`
+    turns true when a stop sequence matched: the caller then interrupts the CLI.
+    """
+
+    def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time):
+        self.live = live
+        self.clock = clock
+        self.stop_sequences = tuple(stop)
+        self.stop_requested = False
+        self.stream_usage = Usage()
+        self.streamed = False    # the current attempt arrives as stream events
+        self.error_kind = None   # from the CLI's synthetic error message
+        self.rate_limit: dict = {}
+        self._start_answer()
+
+    def _start_answer(self):
+        self.content: List[str] = []
+        self.reasoning: List[str] = []
+        self.guards = {False: ReplayGuard(), True: ReplayGuard()}
+        self.scanner = StopScanner(self.stop_sequences)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
+
+    def feed(self, event: dict) -> list:
+        kind = event.get("type")
+        if kind == "stream_event":
+            return self._stream_event(event.get("event") or {}, event)
+        if kind == "assistant":
+            return self._assistant(event)
+        if kind == "rate_limit_event":
+            self.rate_limit = event.get("rate_limit_info") or {}
+        if kind == "result":
+            return self._result(event)
+        return []
+
+    def _stream_event(self, event: dict, line: dict) -> list:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.streamed = True
+            self.stream_usage = Usage.from_claude((event.get("message") or {}).get("usage"))
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self._text(delta.get("text") or "", reasoning=False)
+            if delta.get("type") == "thinking_delta":
+                return self._text(delta.get("thinking") or "", reasoning=True)
+        elif kind == "message_delta":
+            self.stream_usage.output_tokens = (event.get("usage") or {}).get("output_tokens") \
+                or self.stream_usage.output_tokens
+        elif kind == "message_stop" and line.get("abandoned_blocks"):
+            self._restart()
+        return []
+
+    def _restart(self):
+        self.streamed = False
+        if self.live:
+            for guard in self.guards.values():
+                guard.restart()
+        else:
+            self._start_answer()
+
+    def _assistant(self, event: dict) -> list:
+        message = event.get("message") or {}
+        if event.get("is_api_error_message") or message.get("model") == "<synthetic>":
+            self.error_kind = event.get("error")  # never forwarded as model text
+            return []
+        if self.streamed:
+            return []  # its text already came as deltas
+        # After a dropped stream the CLI may fall back to a non-streaming call:
+        # then the answer arrives only as whole blocks.
+        out = []
+        for block in message.get("content") or []:
+            if block.get("type") == "text":
+                out += self._text(block.get("text") or "", reasoning=False)
+            elif block.get("type") == "thinking":
+                out += self._text(block.get("thinking") or "", reasoning=True)
+        return out
+
+    def _text(self, text: str, reasoning: bool) -> list:
+        new = self.guards[reasoning].feed(text)
+        if self.stop_requested or not new:
+            return []
+        if reasoning:
+            self.reasoning.append(new)
+            return [TextDelta(new, reasoning=True)]
+        new, self.stop_requested = self.scanner.feed(new)
+        return self._content(new)
+
+    def _content(self, text: str) -> list:
+        if not text:
+            return []
+        self.content.append(text)
+        return [TextDelta(text)]
+
+    def _result(self, result: dict) -> list:
+        if self.stop_requested:  # we interrupted the CLI; its result reports no usage
+            return [TurnEnd("stop_sequence", self.stream_usage)]
+        if result.get("is_error"):
+            raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
+        usage = Usage.from_claude(result.get("usage"))
+        if not (usage.input_tokens or usage.output_tokens):
+            usage = self.stream_usage
+        return self._content(self.scanner.flush()) + [TurnEnd(result.get("stop_reason"), usage)]
+
+
+def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float) -> ApiError:
+    """Map a failed turn to the status a client can act on (PROTOCOL.md §1.2, §7)."""
+    status = result.get("api_error_status")
+    terminal = result.get("terminal_reason")
+    message = result.get("result") or "; ".join(result.get("errors") or []) \
+        or f"Claude Code ended the turn with {result.get('subtype')}"
+    lowered = str(message).lower()
+    if terminal == "blocking_limit" or "prompt is too long" in lowered:
+        return ApiError(400, f"The conversation is too long for the model: {message}",
+                              code="context_length_exceeded")
+    if error_kind == "authentication_failed" or status == 401 or "not logged in" in lowered:
+        return ApiError(503, f"Claude Code is not logged in or its login was rejected "
+                                   f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in")
+    if error_kind == "rate_limit" or status == 429:
+        resets_at = rate_limit.get("resetsAt")
+        wait = int(resets_at - now) if isinstance(resets_at, (int, float)) and resets_at > now else 0
+        return ApiError(429, f"Claude usage or rate limit reached: {message}", code="rate_limit_exceeded",
+                              retry_after=wait or RATE_LIMIT_RETRY_SECONDS)
+    if status == 529 or "overloaded" in lowered:
+        return ApiError(503, f"Claude is overloaded: {message}", code="overloaded",
+                              retry_after=OVERLOADED_RETRY_SECONDS)
+    if terminal == "image_error" or status == 413:
+        return ApiError(413, f"The request is too large for Claude: {message}", code="request_too_large")
+    if error_kind == "model_not_found" or status == 404:
+        return ApiError(404, str(message), code="model_not_found")
+    if status == 403:
+        return ApiError(403, str(message), code="permission_denied")
+    if error_kind == "invalid_request" or status == 400:
+        return ApiError(400, str(message), code="invalid_request")
+    return ApiError(502, f"Claude Code reported an error: {message}", code="upstream_error")
+
+
+# ── 7. The OpenAI response: events → chat.completion(.chunk) dicts (pure) ───
+
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                  "model_context_window_exceeded": "length", "tool_use": "tool_calls",
+                  "refusal": "content_filter"}
+
+
+def finish_reason(stop_reason: Optional[str]) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def usage_body(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.prompt_tokens + usage.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+            "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every part of one response shares."""
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, text: str, reasoning: str, end: TurnEnd) -> dict:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason(end.stop_reason)}],
+                "usage": usage_body(end.usage)}
+
+    def chunk(self, delta: dict, finish: Optional[str] = None) -> dict:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+    def delta_chunk(self, delta: TextDelta) -> dict:
+        return self.chunk({"reasoning_content" if delta.reasoning else "content": delta.text})
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return dict(self.chunk({}), choices=[], usage=usage_body(usage))
+
+
+# ── 8. The HTTP server: routes, admission, SSE (I/O) ────────────────────────
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
+QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot
+QUEUE_WAIT_SECONDS = 10
+BUSY_RETRY_SECONDS = 5
+POLL_SECONDS = 0.25                # how often a waiting request checks its client
+KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
+SHUTDOWN_GRACE_SECONDS = 5
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+ROUTES = {"/health": "GET", "/models": "GET", "/models/": "GET", "/chat/completions": "POST"}
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop working for it."""
+
+
+class AdmissionGate:
+    """Lets `limit` requests run; a few more wait briefly; the rest get 429."""
+
+    def __init__(self, limit: int, queue_length: int = QUEUE_LENGTH, wait: float = QUEUE_WAIT_SECONDS):
+        self.limit, self.queue_length, self.wait = limit, queue_length, wait
+        self.running = self.waiting = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._cond:
+            if self.running >= self.limit:
+                if self.waiting >= self.queue_length:
+                    raise self._busy()
+                self.waiting += 1
+                try:
+                    if not self._cond.wait_for(lambda: self.running < self.limit, self.wait):
+                        raise self._busy()
+                finally:
+                    self.waiting -= 1
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.running -= 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.running == 0, timeout)
+
+    def _busy(self) -> ApiError:
+        return ApiError(429, f"All {self.limit} Claude slots are busy; retry shortly "
+                             "(or raise --max-concurrency).", code="server_busy",
+                        retry_after=BUSY_RETRY_SECONDS)
+
+
+def host_allowed(host_header: Optional[str], config: Config) -> bool:
+    """Refuse DNS rebinding: on loopback, only loopback names (and --allowed-host)."""
+    if not is_loopback(config.host) or not host_header:
+        return True
+    name = host_header.strip().lower()
+    if name.startswith("["):           # [::1]:3456
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:         # localhost:3456
+        name = name.partition(":")[0]
+    return is_loopback(name) or name in config.allowed_hosts
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, cli_version: str):
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        super().__init__((config.host.strip("[]"), config.port), ProxyHandler)
+        self.config = config
+        self.cli_version = cli_version
+        self.gate = AdmissionGate(config.max_concurrency)
+        self.stopping = threading.Event()
+        self._processes: set = set()
+        self._processes_lock = threading.Lock()
+
+    @contextmanager
+    def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
+        if self.stopping.is_set():
+            raise ApiError(503, "The server is shutting down.", code="shutting_down")
+        process = ClaudeProcess(self.config, settings)
+        with self._processes_lock:
+            self._processes.add(process)
+        try:
+            yield process
+        finally:
+            process.close()
+            with self._processes_lock:
+                self._processes.discard(process)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN: a DNS query at every start.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def live_processes(self) -> list:
+        with self._processes_lock:
+            return list(self._processes)
+
+    def shut_down(self):
+        """Stop taking requests, give in-flight ones a grace period, then stop every child."""
+        self.stopping.set()
+        self.server_close()
+        if not self.gate.wait_idle(SHUTDOWN_GRACE_SECONDS):
+            log.warning("stopping %d unfinished request(s)", len(self.live_processes()))
+        for process in self.live_processes():
+            process.close()
+        self.gate.wait_idle(SHUTDOWN_GRACE_SECONDS)
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"claude-max-proxy/{__version__}"
+    timeout = 300  # an idle keep-alive connection is closed after this long
+    server: ProxyServer
+
+    # ── dispatch ──
+    def do_GET(self):
+        self.handle_method()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def handle_method(self):
+        self.started = time.monotonic()
+        self.sse_started = False
+        self.log_model = "-"
+        self.log_usage: Optional[Usage] = None
+        self.status = 0
+        given_id = self.headers.get("x-request-id", "")
+        self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        try:
+            self.route()
+        except ApiError as err:
+            self.send_api_error(err)
+        except ClientGone:
+            self.status, self.close_connection = 499, True
+        except Exception:
+            self.send_api_error(ApiError(500, "Internal error in claude-max-proxy; see its log.",
+                                         code="internal_error"))
+            raise
+        finally:
+            self.log_access()
+
+    def route(self):
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        if path.startswith("/v1/") or path == "/v1":
+            path = path[3:] or "/"
+        key = "/models/" if path.startswith("/models/") else path
+        if not host_allowed(self.headers.get("Host"), self.server.config):
+            raise ApiError(403, f"Host '{self.headers.get('Host')}' is not allowed; start the proxy "
+                                "with --allowed-host NAME to accept it.", code="host_not_allowed")
+        self.check_origin()
+        if self.command == "OPTIONS":
+            return self.send_preflight()
+        if self.server.stopping.is_set():
+            self.close_connection = True
+            raise ApiError(503, "The server is shutting down.", code="shutting_down")
+        if path != "/health":
+            self.check_api_key()
+        if key not in ROUTES:
+            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has "
+                                "/v1/chat/completions, /v1/models and /health.", code="unknown_route")
+        if self.command != ROUTES[key]:
+            raise ApiError(405, f"{self.command} is not allowed on {path}; use {ROUTES[key]}.",
+                           code="method_not_allowed", headers=[("Allow", ROUTES[key])])
+        if path == "/health":
+            self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
+                                 "in_flight": self.server.gate.running, "queued": self.server.gate.waiting})
+        elif path == "/models":
+            self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
+        elif key == "/models/":
+            model_id = unquote(path[len("/models/"):])
+            resolve_model(model_id)
+            self.send_json(200, model_object(model_id))
+        else:
+            self.chat_completions()
+
+    # ── checks ──
+    def check_origin(self):
+        origin = self.headers.get("Origin")
+        if origin and not self.cors_allows(origin):
+            # A web page must not spend the user's subscription; browsers always send Origin.
+            raise ApiError(403, f"Origin '{origin}' is not allowed; start the proxy with "
+                                "--cors-origin ORIGIN to accept it.", code="origin_not_allowed")
+
+    def cors_allows(self, origin: str) -> bool:
+        origins = self.server.config.cors_origins
+        return "*" in origins or origin in origins
+
+    def check_api_key(self):
+        key = self.server.config.api_key
+        if key is None:
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the "
+                                "key given to --api-key.", code="invalid_api_key",
+                           headers=[("WWW-Authenticate", "Bearer")])
+
+    def read_json(self) -> object:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise ApiError(411, "Send the body with a Content-Length header; chunked request bodies "
+                                "are not supported.", code="length_required")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise ApiError(400, "Invalid Content-Length header.", code="invalid_request")
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise ApiError(413, f"The request body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
+                           code="request_too_large")
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+
+    def client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # ── chat completions ──
+    def chat_completions(self):
+        request = parse_chat_request(self.read_json())
+        self.log_model = request.model
+        reply = Reply(request.model, include_usage=request.include_usage)
+        with self.server.gate.slot():
+            deadline = time.monotonic() + self.server.config.timeout
+            with self.server.cli_process(request.settings) as cli:
+                try:
+                    cli.send_conversation(request.history, request.prompt, deadline)
+                    translator = TurnTranslator(request.stop, live=request.stream)
+                    events = self.turn_events(cli, translator, deadline)
+                    if request.stream:
+                        self.send_stream(reply, events)
+                    else:
+                        end = [event for event in events if isinstance(event, TurnEnd)][-1]
+                        self.send_json(200, reply.completion(translator.text, translator.reasoning_text, end))
+                except ApiError:
+                    if self.server.stopping.is_set():  # we stopped its CLI ourselves
+                        raise ApiError(503, "The server is shutting down.", code="shutting_down") from None
+                    raise
+
+    def turn_events(self, cli: ClaudeProcess, translator: TurnTranslator, deadline: float):
+        """Yield TextDelta and, last, TurnEnd; None after each stretch of silence."""
+        quiet_since = checked = time.monotonic()
+        interrupted = False
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApiError(504, f"Claude did not finish within {self.server.config.timeout:g} s "
+                                    "(--timeout).", code="timeout")
+            if now - checked >= POLL_SECONDS:
+                checked = now
+                if self.client_gone():
+                    raise ClientGone()
+            if now - quiet_since >= KEEPALIVE_SECONDS:
+                quiet_since = now
+                yield None
+            event = cli.next_event(min(POLL_SECONDS, deadline - now))
+            if event is None:
+                continue
+            for out in translator.feed(event):
+                quiet_since = time.monotonic()
+                if isinstance(out, TurnEnd):
+                    self.log_usage = out.usage
+                yield out
+                if isinstance(out, TurnEnd):
+                    return
+            if translator.stop_requested and not interrupted:
+                interrupted = True  # the client's stop sequence: stop Claude writing
+                cli.interrupt()
+
+    def send_stream(self, reply: Reply, events):
+        for event in events:
+            if not self.sse_started:
+                self.start_sse()
+                self.write_sse(reply.chunk({"role": "assistant", "content": ""}))
+            if event is None:
+                self.write_chunk(b": keep-alive\n\n")
+            elif isinstance(event, TextDelta):
+                self.write_sse(reply.delta_chunk(event))
+            else:
+                self.write_sse(reply.chunk({}, finish_reason(event.stop_reason)))
+                if reply.include_usage:
+                    self.write_sse(reply.usage_chunk(event.usage))
+                self.end_sse()
+
+    # ── writing ──
+    def base_headers(self) -> List[Tuple[str, str]]:
+        headers = [("x-request-id", self.request_id)]
+        origin = self.headers.get("Origin") if self.headers else None  # None: bad request line
+        if origin and self.cors_allows(origin):
+            headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                        ("Access-Control-Expose-Headers", "x-request-id, retry-after")]
+        return headers
+
+    def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.status = status
+        try:
+            self.send_response(status)
+            for name, value in [*self.base_headers(), *headers,
+                                ("Content-Type", "application/json"), ("Content-Length", str(len(data)))]:
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            raise ClientGone() from None
+
+    def send_api_error(self, err: ApiError):
+        if self.sse_started:  # the status line is gone: OpenAI clients read an error frame
+            self.status = err.status
+            try:
+                self.write_sse(err.body())
+                self.end_sse()
+            except ClientGone:
+                self.close_connection = True
+            return
+        try:
+            self.send_json(err.status, err.body(), err.headers)
+        except ClientGone:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method) in OpenAI's envelope."""
+        self.close_connection = True
+        self.request_id = getattr(self, "request_id", uuid.uuid4().hex)
+        self.send_api_error(ApiError(code, message or explain or "Bad request.", code="bad_request"))
+
+    def send_preflight(self):
+        origin = self.headers.get("Origin")
+        headers = [("Allow", "GET, POST, OPTIONS")]
+        if origin:
+            requested = self.headers.get("Access-Control-Request-Headers", "")
+            allowed = requested if HEADER_LIST.fullmatch(requested.strip()) else "authorization, content-type"
+            headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                        ("Access-Control-Allow-Headers", allowed), ("Access-Control-Max-Age", "600")]
+        self.status = 204
+        self.send_response(204)
+        for name, value in [*self.base_headers(), *headers, ("Content-Length", "0")]:
+            self.send_header(name, value)
+        self.end_headers()
+
+    def start_sse(self):
+        self.status, self.sse_started = 200, True
+        self.send_response(200)
+        for name, value in [*self.base_headers(), ("Content-Type", "text/event-stream; charset=utf-8"),
+                            ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
+                            ("X-Accel-Buffering", "no")]:
+            self.send_header(name, value)
+        self.end_headers()
+
+    def write_sse(self, body: object):
+        self.write_chunk(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode("utf-8"))
+
+    def end_sse(self):
+        self.write_chunk(b"data: [DONE]\n\n")
+        self.write_chunk(b"")  # the zero-length chunk ends the chunked body
+
+    def write_chunk(self, data: bytes):
+        # No flush(): StreamRequestHandler.wbufsize is 0, so each write() is a sendall().
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except (BrokenPipeError, ConnectionResetError):
+            raise ClientGone() from None
+
+    # ── logging: one line a request, never prompt or completion text ──
+    def log_access(self):
+        usage = self.log_usage
+        tokens = f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-"
+        log.info("%s %s %s model=%s tokens=%s %.3fs id=%s", self.command, urlsplit(self.path).path,
+                 self.status, self.log_model, tokens, time.monotonic() - self.started, self.request_id)
+
+    def log_message(self, format, *args):
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+# ── 9. main ─────────────────────────────────────────────────────────────────
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    config = parse_config(argv, os.environ)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if not is_loopback(config.host) and not config.api_key and not config.allow_unauthenticated_remote:
+        print(f"claude-max-proxy: refusing to listen on {config.host} without --api-key: anyone who "
+              "can reach it could use your subscription (--allow-unauthenticated-remote to insist)",
+              file=sys.stderr)
+        return 2
+    try:
+        cli_version = read_cli_version(config)
+        server = ProxyServer(config, cli_version)
+    except RuntimeError as exc:
+        print(f"claude-max-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"claude-max-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    removed = [name for name in BILLING_VARIABLES if name in os.environ and not config.use_api_key]
+    if removed:
+        log.warning("%s removed from the CLI's environment so your subscription is used, not per-token "
+                    "API billing (--use-api-key to keep it)", " and ".join(removed))
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    log.info("claude-max-proxy %s on http://%s:%d/v1 (Claude Code %s)", __version__,
+             config.host, server.server_address[1], cli_version)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signum, signal.SIG_IGN)
+        log.info("shutting down")
+    finally:
+        server.shut_down()
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

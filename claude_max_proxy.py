@@ -465,10 +465,24 @@ def stdin_line(message: dict) -> bytes:
 
 
 def user_line(turn: Turn, query: bool = True) -> bytes:
-    message = {"type": "user", "message": {"role": "user", "content": turn.content}}
+    message = {"type": "user", "message": {"role": "user", "content": _no_slash_command(turn.content)}}
     if not query:
         message["shouldQuery"] = False  # history only: the CLI adds it without calling the API
     return stdin_line(message)
+
+
+def _no_slash_command(content: list) -> list:
+    """Keep text like "/cost" for the model.
+
+    Even with --disable-slash-commands, the CLI treats a user line whose text
+    starts with "/" as one of its own commands: it answers "/cost isn't
+    available" without calling the model, or adds a reminder about it. A "/"
+    in a block of its own reaches the model as it is.
+    """
+    first = content[0] if content else {}
+    if first.get("type") == "text" and first["text"].startswith("/") and len(first["text"]) > 1:
+        return [{"type": "text", "text": "/"}, dict(first, text=first["text"][1:]), *content[1:]]
+    return content
 
 
 def assistant_line(turn: Turn) -> bytes:
@@ -731,15 +745,17 @@ class TurnTranslator:
     """Turns one turn's stream-json events into TextDelta and TurnEnd.
 
     `live` means the text goes straight to a client and cannot be retracted;
-    otherwise a restarted stream simply starts the answer over. `stop_requested`
-    turns true when a stop sequence matched: the caller then interrupts the CLI.
+    otherwise a restarted stream simply starts the answer over. `ended_by`
+    is set when the proxy ends the turn itself, on a client stop sequence or
+    on Claude's max_tokens stop (after which the CLI would ask Claude to go
+    on, up to three more times); the caller then interrupts the CLI.
     """
 
     def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time):
         self.live = live
         self.clock = clock
         self.stop_sequences = tuple(stop)
-        self.stop_requested = False
+        self.ended_by: Optional[str] = None  # "stop_sequence" or "max_tokens"
         self.stream_usage = Usage()
         self.streamed = False    # the current attempt arrives as stream events
         self.error_kind = None   # from the CLI's synthetic error message
@@ -786,8 +802,11 @@ class TurnTranslator:
         elif kind == "message_delta":
             self.stream_usage.output_tokens = (event.get("usage") or {}).get("output_tokens") \
                 or self.stream_usage.output_tokens
-        elif kind == "message_stop" and line.get("abandoned_blocks"):
-            self._restart()
+            if (event.get("delta") or {}).get("stop_reason") == "max_tokens" and not self.ended_by:
+                self.ended_by = "max_tokens"
+                return self._content(self.scanner.flush())
+        elif kind == "message_stop" and line.get("abandoned_blocks") and not self.ended_by:
+            self._restart()  # (our own interrupt abandons blocks too; that is no restart)
         return []
 
     def _restart(self):
@@ -817,12 +836,14 @@ class TurnTranslator:
 
     def _text(self, text: str, reasoning: bool) -> list:
         new = self.guards[reasoning].feed(text)
-        if self.stop_requested or not new:
+        if self.ended_by or not new:
             return []
         if reasoning:
             self.reasoning.append(new)
             return [TextDelta(new, reasoning=True)]
-        new, self.stop_requested = self.scanner.feed(new)
+        new, stopped = self.scanner.feed(new)
+        if stopped:
+            self.ended_by = "stop_sequence"
         return self._content(new)
 
     def _content(self, text: str) -> list:
@@ -832,8 +853,8 @@ class TurnTranslator:
         return [TextDelta(text)]
 
     def _result(self, result: dict) -> list:
-        if self.stop_requested:  # we interrupted the CLI; its result reports no usage
-            return [TurnEnd("stop_sequence", self.stream_usage)]
+        if self.ended_by:  # we interrupted the CLI; its result reports no usage
+            return [TurnEnd(self.ended_by, self.stream_usage)]
         if result.get("is_error"):
             raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
         usage = Usage.from_claude(result.get("usage"))
@@ -945,7 +966,7 @@ class ClientGone(Exception):
 class AdmissionGate:
     """Lets `limit` requests run; a few more wait briefly; the rest get 429."""
 
-    def __init__(self, limit: int, queue_length: int = QUEUE_LENGTH, wait: float = QUEUE_WAIT_SECONDS):
+    def __init__(self, limit: int, queue_length: int, wait: float):
         self.limit, self.queue_length, self.wait = limit, queue_length, wait
         self.running = self.waiting = 0
         self._cond = threading.Condition()
@@ -969,10 +990,6 @@ class AdmissionGate:
             with self._cond:
                 self.running -= 1
                 self._cond.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.running == 0, timeout)
 
     def _busy(self) -> ApiError:
         return ApiError(429, f"All {self.limit} Claude slots are busy; retry shortly "
@@ -1001,10 +1018,23 @@ class ProxyServer(ThreadingHTTPServer):
         super().__init__((config.host.strip("[]"), config.port), ProxyHandler)
         self.config = config
         self.cli_version = cli_version
-        self.gate = AdmissionGate(config.max_concurrency)
+        self.gate = AdmissionGate(config.max_concurrency, QUEUE_LENGTH, QUEUE_WAIT_SECONDS)
         self.stopping = threading.Event()
         self._processes: set = set()
         self._processes_lock = threading.Lock()
+        self._handling = 0  # requests between their first byte and their log line
+        self._handling_done = threading.Condition()
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        with self._handling_done:
+            self._handling += 1
+        try:
+            yield
+        finally:
+            with self._handling_done:
+                self._handling -= 1
+                self._handling_done.notify_all()
 
     @contextmanager
     def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
@@ -1029,15 +1059,19 @@ class ProxyServer(ThreadingHTTPServer):
         with self._processes_lock:
             return list(self._processes)
 
-    def shut_down(self):
+    def drain_and_close(self):
         """Stop taking requests, give in-flight ones a grace period, then stop every child."""
         self.stopping.set()
         self.server_close()
-        if not self.gate.wait_idle(SHUTDOWN_GRACE_SECONDS):
+        if not self._wait_handled(SHUTDOWN_GRACE_SECONDS):
             log.warning("stopping %d unfinished request(s)", len(self.live_processes()))
         for process in self.live_processes():
             process.close()
-        self.gate.wait_idle(SHUTDOWN_GRACE_SECONDS)
+        self._wait_handled(SHUTDOWN_GRACE_SECONDS)  # they answer 503 and end
+
+    def _wait_handled(self, timeout: float) -> bool:
+        with self._handling_done:
+            return self._handling_done.wait_for(lambda: self._handling == 0, timeout)
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -1045,6 +1079,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = f"claude-max-proxy/{__version__}"
     timeout = 300  # an idle keep-alive connection is closed after this long
     server: ProxyServer
+    # Per-request state, reset by handle_method(); these defaults serve the
+    # errors http.server raises before a request is parsed.
+    sse_started = False
+    request_id = "-"
+    status = 0
 
     # ── dispatch ──
     def do_GET(self):
@@ -1060,18 +1099,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status = 0
         given_id = self.headers.get("x-request-id", "")
         self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
-        try:
-            self.route()
-        except ApiError as err:
-            self.send_api_error(err)
-        except ClientGone:
-            self.status, self.close_connection = 499, True
-        except Exception:
-            self.send_api_error(ApiError(500, "Internal error in claude-max-proxy; see its log.",
-                                         code="internal_error"))
-            raise
-        finally:
-            self.log_access()
+        with self.server.handling():
+            try:
+                self.route()
+            except ApiError as err:
+                self.send_api_error(err)
+            except ClientGone:
+                self.status, self.close_connection = 499, True
+            except Exception:
+                self.send_api_error(ApiError(500, "Internal error in claude-max-proxy; see its log.",
+                                             code="internal_error"))
+                raise
+            finally:
+                self.log_access()
 
     def route(self):
         path = urlsplit(self.path).path.rstrip("/") or "/"
@@ -1206,8 +1246,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 yield out
                 if isinstance(out, TurnEnd):
                     return
-            if translator.stop_requested and not interrupted:
-                interrupted = True  # the client's stop sequence: stop Claude writing
+            if translator.ended_by and not interrupted:
+                interrupted = True  # stop Claude writing past the end we chose
                 cli.interrupt()
 
     def send_stream(self, reply: Reply, events):
@@ -1267,7 +1307,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, unknown method) in OpenAI's envelope."""
         self.close_connection = True
-        self.request_id = getattr(self, "request_id", uuid.uuid4().hex)
         self.send_api_error(ApiError(code, message or explain or "Bad request.", code="bad_request"))
 
     def send_preflight(self):
@@ -1353,7 +1392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signum, signal.SIG_IGN)
         log.info("shutting down")
     finally:
-        server.shut_down()
+        server.drain_and_close()
     return 0
 
 

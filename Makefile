@@ -1,0 +1,40 @@
+# claude-max-proxy: `make run` serves on 127.0.0.1:3456, `make test` runs the tests.
+
+PYTHON ?= python3
+CLAUDE_CODE_VERSION = 2.1.329
+CLI_DIR = .cache/claude
+CLI = $(CLI_DIR)/node_modules/.bin/claude
+AGENT = $(HOME)/Library/LaunchAgents/com.claude-max-api.plist
+
+.PHONY: run test cli install-agent uninstall-agent
+
+run:
+	$(PYTHON) claude_max_proxy.py
+
+# The tests drive the real CLI, pinned and kept in .cache/, against a fake API on 127.0.0.1.
+test: $(CLI)
+	$(PYTHON) -m pytest -q test_proxy.py
+
+cli: $(CLI)
+
+# npm may skip the package's install script, which puts the platform binary in
+# place of a small stub; copy the binary from the platform package ourselves.
+$(CLI):
+	npm install --prefix $(CLI_DIR) --no-save --no-audit --no-fund @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	@exe=$(CLI_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe; \
+	if [ "$$(wc -c < $$exe)" -lt 1000000 ]; then \
+		cp $(CLI_DIR)/node_modules/@anthropic-ai/claude-code-*/claude $$exe; \
+	fi
+	CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 ANTHROPIC_BASE_URL=http://127.0.0.1:9 $(CLI) --version
+
+# macOS: run the proxy at login with the system Python, restarting it if it stops.
+install-agent:
+	mkdir -p $(HOME)/Library/LaunchAgents $(HOME)/Library/Logs
+	sed -e "s|/Users/YOU/claude-max-proxy|$(CURDIR)|g" -e "s|/Users/YOU|$(HOME)|g" \
+		com.claude-max-api.plist > $(AGENT)
+	launchctl unload $(AGENT) 2>/dev/null || true
+	launchctl load $(AGENT)
+
+uninstall-agent:
+	launchctl unload $(AGENT) 2>/dev/null || true
+	rm -f $(AGENT)

@@ -1,0 +1,1196 @@
+"""Tests for claude_max_proxy.py, in the order of its sections.
+
+Pure sections get table tests. The HTTP tests run the proxy in-process with
+the real Claude Code CLI (installed by `make test` into .cache/claude), which
+talks to FakeAnthropic below: a Messages API on 127.0.0.1 whose request log
+shows exactly what would reach the model.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import claude_max_proxy as cmp
+from claude_max_proxy import ApiError, Config, TextDelta, Turn, TurnEnd, TurnTranslator, Usage
+
+HERE = Path(__file__).resolve().parent
+REAL_CLI = HERE / ".cache" / "claude" / "node_modules" / ".bin" / "claude"
+USER = {"role": "user", "content": "hi"}
+
+
+# ── the fake Anthropic API ──────────────────────────────────────────────────
+
+def sse_event(event: dict) -> bytes:
+    data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def answer(text="Hello from fake upstream.", pieces=None, thinking=None, stop_reason="end_turn",
+           usage=None, hold_after=None):
+    """A normal reply. With hold_after=N the stream pauses after N pieces until release is set."""
+    pieces = pieces or [text]
+    usage = usage or {"input_tokens": 10, "output_tokens": 5,
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+    def respond(handler, body):
+        if not body.get("stream"):  # the CLI's non-streaming fallback
+            content = [{"type": "thinking", "thinking": thinking, "signature": "c2ln"}] if thinking else []
+            return handler.send_json(200, {
+                "id": "msg_fallback", "type": "message", "role": "assistant", "model": body["model"],
+                "content": content + [{"type": "text", "text": "".join(pieces)}],
+                "stop_reason": stop_reason, "stop_sequence": None, "usage": usage})
+        handler.start_stream()
+        handler.event({"type": "message_start", "message": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": dict(usage, output_tokens=1)}})
+        index = 0
+        if thinking:
+            handler.event({"type": "content_block_start", "index": 0,
+                           "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+            handler.event({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "thinking_delta", "thinking": thinking}})
+            handler.event({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "signature_delta", "signature": "c2ln"}})
+            handler.event({"type": "content_block_stop", "index": 0})
+            index = 1
+        handler.event({"type": "content_block_start", "index": index,
+                       "content_block": {"type": "text", "text": ""}})
+        for number, piece in enumerate(pieces):
+            if number == hold_after:
+                handler.server.release.wait(30)
+            handler.event({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "text_delta", "text": piece}})
+        handler.event({"type": "content_block_stop", "index": index})
+        handler.event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                       "usage": {"output_tokens": usage["output_tokens"]}})
+        handler.event({"type": "message_stop"})
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.server.finished.set()
+    return respond
+
+
+def fail(status, error_type, message, headers=()):
+    def respond(handler, body):
+        handler.send_json(status, {"type": "error", "error": {"type": error_type, "message": message}},
+                          headers)
+    return respond
+
+
+def drop(pieces):
+    """Start streaming; once release is set, break the connection mid-answer."""
+    def respond(handler, body):
+        handler.start_stream()
+        handler.event({"type": "message_start", "message": {
+            "id": "msg_dropped", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1}}})
+        handler.event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        for piece in pieces:
+            handler.event({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": piece}})
+        handler.server.release.wait(30)
+        handler.server.release.clear()  # the retry that follows must not wait
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    return respond
+
+
+def stall(handler, body):
+    """Begin a stream, then say nothing until release is set."""
+    handler.start_stream()
+    handler.event({"type": "message_start", "message": {
+        "id": "msg_stall", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}})
+    handler.server.release.wait(30)
+    handler.close_connection = True
+
+
+class FakeAnthropic(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
+        self.posts = []        # {"headers": {...}, "body": {...}} for each POST /v1/messages
+        self.script = []       # responders for the next POSTs; then `default`
+        self.default = answer()
+        self.posted = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @property
+    def last(self) -> dict:
+        return self.posts[-1]["body"]
+
+
+class FakeAnthropicHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in [("content-type", "application/json"), ("content-length", str(len(data))),
+                            *headers]:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_stream(self):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+    def event(self, event):
+        self.wfile.write(sse_event(event))
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.posts.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+        self.server.posted.set()
+        respond = self.server.script.pop(0) if self.server.script else self.server.default
+        try:
+            respond(self, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the CLI hung up: what an interrupt looks like from here
+
+
+def user_texts(body: dict) -> list:
+    """The text of each user message the upstream got, without the CLI's reminders."""
+    texts = []
+    for message in body["messages"]:
+        if message["role"] != "user":
+            continue
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        texts.append([b.get("text") for b in blocks
+                      if b["type"] == "text" and not b["text"].startswith("<system-reminder>")])
+    return texts
+
+
+# ── the proxy under test and its client ─────────────────────────────────────
+
+class Response:
+    def __init__(self, status, headers, text):
+        self.status, self.headers, self.text = status, headers, text
+
+    def json(self):
+        return json.loads(self.text)
+
+    @property
+    def error(self) -> dict:
+        body = self.json()
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]
+
+
+class Client:
+    def __init__(self, server):
+        self.server = server
+        self.port = server.server_address[1]
+
+    def connect(self, timeout=20):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def call(self, method, path, body=None, headers=None, raw=None):
+        conn = self.connect()
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        reply = conn.getresponse()
+        text = reply.read().decode()
+        conn.close()
+        return Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, text)
+
+    def chat(self, headers=None, **body):
+        body.setdefault("model", "claude-sonnet-4")
+        body.setdefault("messages", [USER])
+        return self.call("POST", "/v1/chat/completions", body, headers)
+
+    def open_stream(self, headers=None, **body):
+        """Send a streaming request; return the response and a lazy iterator of SSE frames."""
+        body.setdefault("model", "claude-sonnet-4")
+        body.setdefault("messages", [USER])
+        body["stream"] = True
+        conn = self.connect()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        reply = conn.getresponse()
+
+        def frames():
+            for line in iter(reply.readline, b""):
+                line = line.decode().rstrip("\n")
+                if line.startswith(": "):
+                    yield line
+                elif line.startswith("data: "):
+                    data = line[len("data: "):]
+                    yield data if data == "[DONE]" else json.loads(data)
+            conn.close()
+        return reply, frames()
+
+    def stream(self, **body):
+        reply, frames = self.open_stream(**body)
+        return reply, list(frames)
+
+
+def content_of(frames) -> str:
+    return "".join(f["choices"][0]["delta"].get("content") or "" for f in frames
+                   if isinstance(f, dict) and f.get("choices"))
+
+
+def wait_until(condition, timeout=5.0, step=0.02):
+    """Poll for a condition that has no event to wait on (a child process exiting)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(step)
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="session")
+def real_cli():
+    if not os.access(REAL_CLI, os.X_OK):
+        pytest.fail(f"the Claude Code CLI is not installed at {REAL_CLI}; run `make test`")
+    return str(REAL_CLI)
+
+
+@pytest.fixture
+def upstream(tmp_path, monkeypatch):
+    """The fake API, and an environment that sends every CLI there and nowhere else."""
+    fake = FakeAnthropic()
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+    monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", "test")
+    monkeypatch.setenv("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    yield fake
+    fake.release.set()
+    fake.shutdown()
+    fake.server_close()
+
+
+@pytest.fixture
+def start_proxy(upstream, real_cli):
+    servers = []
+
+    def start(**options):
+        options.setdefault("claude", real_cli)
+        server = cmp.ProxyServer(Config(port=0, **options), "2.1.329")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return Client(server)
+    yield start
+    upstream.release.set()
+    for server in servers:
+        server.shutdown()
+        server.drain_and_close()
+
+
+@pytest.fixture
+def client(start_proxy):
+    return start_proxy()
+
+
+def fake_cli(tmp_path, script: str) -> str:
+    """A stand-in `claude` for failures the real CLI cannot be made to show."""
+    path = tmp_path / "claude"
+    path.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "if '--version' in sys.argv:\n    print('9.9.9 (Claude Code)'); sys.exit(0)\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+# ── 1. Configuration ────────────────────────────────────────────────────────
+
+def test_options_fall_back_to_environment_variables():
+    config = cmp.parse_config([], {"CLAUDE_MAX_PROXY_PORT": "8080", "CLAUDE_MAX_PROXY_API_KEY": "k",
+                                   "CLAUDE_MAX_PROXY_CORS_ORIGINS": "http://a, http://b",
+                                   "CLAUDE_MAX_PROXY_USE_API_KEY": "1", "CLAUDE_MAX_PROXY_TIMEOUT": "30"})
+    assert (config.port, config.api_key, config.cors_origins, config.use_api_key, config.timeout) == \
+        (8080, "k", ("http://a", "http://b"), True, 30.0)
+
+
+def test_command_line_beats_environment():
+    config = cmp.parse_config(["--port", "9000", "--cors-origin", "http://c", "--max-concurrency", "2"],
+                              {"CLAUDE_MAX_PROXY_PORT": "8080", "CLAUDE_MAX_PROXY_CORS_ORIGINS": "http://a"})
+    assert (config.port, config.cors_origins, config.max_concurrency) == (9000, ("http://c",), 2)
+
+
+def test_defaults_listen_on_loopback_3456_with_bounded_retries():
+    config = cmp.parse_config([], {})
+    assert (config.host, config.port, config.claude, config.max_retries) == ("127.0.0.1", 3456, "claude", 2)
+
+
+def test_every_option_is_in_help_and_readme(capsys):
+    with pytest.raises(SystemExit):
+        cmp.parse_config(["--help"], {})
+    help_text = capsys.readouterr().out
+    readme = (HERE / "README.md").read_text()
+    options = ["--host", "--port", "--claude", "--api-key", "--cors-origin", "--allowed-host",
+               "--max-concurrency", "--timeout", "--max-retries", "--use-api-key",
+               "--allow-unauthenticated-remote", "--log-level", "--version"]
+    for option in options:
+        assert option in help_text
+        assert f"`{option}" in readme, f"{option} is not documented in README.md"
+    for variable in ("HOST", "PORT", "CLAUDE", "API_KEY", "CORS_ORIGINS", "ALLOWED_HOSTS", "MAX_CONCURRENCY",
+                     "TIMEOUT", "MAX_RETRIES", "USE_API_KEY", "ALLOW_UNAUTHENTICATED_REMOTE", "LOG_LEVEL"):
+        assert f"CLAUDE_MAX_PROXY_{variable}" in readme
+
+
+def test_version_option(capsys):
+    with pytest.raises(SystemExit):
+        cmp.parse_config(["--version"], {})
+    assert capsys.readouterr().out.strip() == f"claude-max-proxy {cmp.__version__}"
+
+
+# ── 3. Models ───────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("requested, cli_model", [
+    ("claude-opus-4", "opus"), ("claude-sonnet-4", "sonnet"), ("claude-haiku-4", "haiku"),
+    ("opus", "opus"), ("sonnet", "sonnet"), ("haiku", "haiku"),
+    ("openai/claude-opus-4", "opus"), ("claude-max/claude-sonnet-4", "sonnet"),
+    ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20250929"), ("claude-3-5-haiku-20241022",
+                                                                    "claude-3-5-haiku-20241022"),
+    ("claude-sonnet-4-5[1m]", "claude-sonnet-4-5[1m]"),
+])
+def test_resolve_model(requested, cli_model):
+    assert cmp.resolve_model(requested) == cli_model
+
+
+@pytest.mark.parametrize("requested", ["gpt-4o", "claude", "claude-", "openai/gpt-4", "claude-opus-4 --tools=Bash"])
+def test_unknown_model_is_404_listing_valid_ids(requested):
+    with pytest.raises(ApiError) as caught:
+        cmp.resolve_model(requested)
+    assert (caught.value.status, caught.value.code) == (404, "model_not_found")
+    assert "claude-opus-4, claude-sonnet-4, claude-haiku-4, opus, sonnet, haiku" in caught.value.message
+
+
+# ── 4. The OpenAI request ───────────────────────────────────────────────────
+
+def parse(**body):
+    body.setdefault("model", "claude-sonnet-4")
+    body.setdefault("messages", [USER])
+    return cmp.parse_chat_request(body)
+
+
+@pytest.mark.parametrize("body, param", [
+    ([], None),
+    ({"messages": [USER]}, "model"),
+    ({"model": "", "messages": [USER]}, "model"),
+    ({"model": "claude-sonnet-4"}, "messages"),
+    ({"model": "claude-sonnet-4", "messages": []}, "messages"),
+    ({"model": "claude-sonnet-4", "messages": "hi"}, "messages"),
+    ({"model": "claude-sonnet-4", "messages": ["hi"]}, "messages[0]"),
+    ({"model": "claude-sonnet-4", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": "claude-sonnet-4", "messages": [USER, {"role": "tool", "content": "42"}]},
+     "messages[1].tool_call_id"),
+    ({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, "messages[0].content[0]"),
+    ({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text"),
+    ({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"model": "claude-sonnet-4", "messages": [USER, {"role": "assistant", "content": "prefill"}]}, "messages"),
+    ({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": ""}]}, "messages"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "n": 2}, "n"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "temperature": 2.5}, "temperature"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "temperature": "hot"}, "temperature"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stream": "yes"}, "stream"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "max_tokens": 0}, "max_tokens"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "max_completion_tokens": True}, "max_completion_tokens"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stop": [""]}, "stop"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "logprobs": True}, "logprobs"),
+])
+def test_parse_chat_request_rejects_with_a_400_naming_the_field(body, param):
+    with pytest.raises(ApiError) as caught:
+        cmp.parse_chat_request(body)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert caught.value.error_type == "invalid_request_error"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("data:image/png;base64,@@@", "invalid base64"),
+    ("data:application/pdf;base64,AAAA", "application/pdf"),
+    ("ftp://example.com/cat.png", "http(s) URL or a base64 data URL"),
+])
+def test_bad_image_urls_are_400s(url, message):
+    with pytest.raises(ApiError) as caught:
+        parse(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    assert caught.value.status == 400 and message in caught.value.message
+
+
+def test_fields_real_clients_send_are_accepted_and_ignored():
+    request = parse(store=False, stream=True, stream_options={"include_usage": True}, parallel_tool_calls=True,
+                    prompt_cache_key="thread-1", metadata={"a": "b"}, user="u", seed=7, temperature=0.2,
+                    top_p=0.9, client_metadata={"x": 1}, frequency_penalty=0, n=1, logprobs=False)
+    assert request.stream and request.include_usage
+
+
+def test_system_and_developer_messages_become_the_system_prompt():
+    request = parse(messages=[{"role": "system", "content": "Be terse."},
+                              {"role": "developer", "content": [{"type": "text", "text": "Use French."}]},
+                              USER])
+    assert request.settings.system_prompt == "Be terse.\n\nUse French."
+    assert request.prompt == Turn("user", [{"type": "text", "text": "hi"}])
+
+
+def test_consecutive_user_messages_become_one_turn():
+    request = parse(messages=[{"role": "user", "content": "one"}, {"role": "user", "content": [
+        {"type": "text", "text": "two"}]}])
+    assert request.history == ()
+    assert request.prompt.content == [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
+
+
+def test_history_alternates_and_ends_with_the_prompt():
+    request = parse(messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                              {"role": "user", "content": "Q2"}])
+    assert [t.role for t in request.history] == ["user", "assistant"]
+    assert request.prompt.content == [{"type": "text", "text": "Q2"}]
+
+
+def test_images_become_base64_or_url_blocks():
+    request = parse(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg", "detail": "high"}}]}])
+    assert request.prompt.content[1:] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}]
+
+
+def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks():
+    request = parse(messages=[
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "exec", "arguments": "{\"command\": \"pwd\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "/home/user"},
+        {"role": "user", "content": "and now?"}])
+    assert request.history[1].content == [
+        {"type": "tool_use", "id": "call_1", "name": "exec", "input": {"command": "pwd"}}]
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_1", "content": "/home/user"},
+                                      {"type": "text", "text": "and now?"}]
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, cmp.CliSettings(model="sonnet")),
+    ({"max_tokens": 100}, cmp.CliSettings(model="sonnet", max_tokens=100)),
+    ({"max_tokens": 100, "max_completion_tokens": 50}, cmp.CliSettings(model="sonnet", max_tokens=50)),
+    ({"reasoning_effort": "minimal"}, cmp.CliSettings(model="sonnet", effort="low")),
+    ({"reasoning_effort": "high"}, cmp.CliSettings(model="sonnet", effort="high")),
+    ({"reasoning_effort": "none"}, cmp.CliSettings(model="sonnet", thinking=False)),
+])
+def test_request_fields_become_cli_settings(fields, expected):
+    assert parse(**fields).settings == expected
+
+
+def test_stop_accepts_a_string_or_a_list():
+    assert parse(stop="END").stop == ("END",)
+    assert parse(stop=["a", "b"]).stop == ("a", "b")
+
+
+# ── 5. The CLI process ──────────────────────────────────────────────────────
+
+def test_argv_has_no_prompt_and_only_flag_equals_value_forms():
+    settings = cmp.CliSettings(model="opus", system_prompt="-rf / you are", effort="high", max_tokens=9)
+    argv = cmp.build_cli_argv("claude", settings)
+    assert "-rf / you are" not in " ".join(argv)
+    assert "--tools=" in argv and "--no-session-persistence" in argv and "--setting-sources=" in argv
+    assert argv[-2:] == ["--model=opus", "--effort=high"]
+    assert all(arg.startswith("-") for arg in argv[1:])
+
+
+def test_billing_variables_are_removed_unless_asked_for():
+    environ = {"ANTHROPIC_API_KEY": "sk", "ANTHROPIC_AUTH_TOKEN": "t", "PATH": "/bin"}
+    settings = cmp.CliSettings(model="opus", max_tokens=64, thinking=False)
+    env = cmp.build_cli_env(environ, Config(max_retries=1), settings)
+    assert "ANTHROPIC_API_KEY" not in env and "ANTHROPIC_AUTH_TOKEN" not in env
+    assert (env["CLAUDE_CODE_MAX_RETRIES"], env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"],
+            env["CLAUDE_CODE_DISABLE_THINKING"]) == ("1", "64", "1")
+    kept = cmp.build_cli_env(environ, Config(use_api_key=True), settings)
+    assert kept["ANTHROPIC_API_KEY"] == "sk" and kept["ANTHROPIC_AUTH_TOKEN"] == "t"
+
+
+# ── 6. Claude's events ──────────────────────────────────────────────────────
+# Lines shaped like the real CLI's stream-json (PROTOCOL.md §1, fixtures 01, 03, errors/*).
+
+def stream_event(event, **extra):
+    return {"type": "stream_event", "event": event, **extra}
+
+
+def text_delta(text):
+    return stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+def message_start(input_tokens=10, cache_read=0):
+    return stream_event({"type": "message_start", "message": {"usage": {
+        "input_tokens": input_tokens, "cache_read_input_tokens": cache_read, "output_tokens": 1}}})
+
+
+def success(text="", stop_reason="end_turn", usage=None):
+    return {"type": "result", "subtype": "success", "is_error": False, "result": text,
+            "stop_reason": stop_reason, "usage": usage or {"input_tokens": 10, "output_tokens": 5}}
+
+
+def failure(message, status=None, error_kind=None, terminal="api_error"):
+    synthetic = {"type": "assistant", "message": {"model": "<synthetic>", "content": [
+        {"type": "text", "text": message}]}, "error": error_kind, "is_api_error_message": True}
+    result = {"type": "result", "subtype": "success", "is_error": True, "result": message,
+              "api_error_status": status, "terminal_reason": terminal, "stop_reason": "stop_sequence"}
+    return [synthetic, result]
+
+
+ABANDONED = stream_event({"type": "message_stop"},
+                         abandoned_blocks={"api_message_id": "msg_1", "from_block_index": 0})
+
+
+def translate(lines, **options):
+    translator = TurnTranslator(**options)
+    return translator, [out for line in lines for out in translator.feed(line)]
+
+
+def test_text_deltas_and_the_end_of_a_turn():
+    _, out = translate([{"type": "system", "subtype": "init"}, message_start(), text_delta("Hello "),
+                        text_delta("world"), {"type": "assistant", "message": {"content": [
+                            {"type": "text", "text": "Hello world"}]}},
+                        success("Hello world", usage={"input_tokens": 3, "output_tokens": 2,
+                                                      "cache_read_input_tokens": 100,
+                                                      "cache_creation_input_tokens": 20,
+                                                      "output_tokens_details": {"thinking_tokens": 1}})])
+    assert out == [TextDelta("Hello "), TextDelta("world"),
+                   TurnEnd("end_turn", Usage(input_tokens=3, output_tokens=2, cache_read_tokens=100,
+                                             cache_write_tokens=20, reasoning_tokens=1))]
+
+
+def test_thinking_becomes_reasoning_deltas():
+    thinking = stream_event({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "thinking_delta", "thinking": "Let me think. "}})
+    _, out = translate([message_start(), thinking, text_delta("Answer."), success("Answer.")])
+    assert out[:2] == [TextDelta("Let me think. ", reasoning=True), TextDelta("Answer.")]
+
+
+def test_synthetic_error_text_is_never_forwarded():
+    with pytest.raises(ApiError) as caught:
+        translate(failure("API Error: Request rejected (429) · slow down", 429, "rate_limit"))
+    assert caught.value.status == 429
+    assert ("Retry-After", "60") in caught.value.headers
+
+
+def test_restarted_stream_that_repeats_itself_is_not_duplicated():
+    translator, out = translate([message_start(), text_delta("Hello "), text_delta("wor"), ABANDONED,
+                                 message_start(), text_delta("Hello "), text_delta("world"), text_delta("!"),
+                                 success()])
+    assert [o.text for o in out if isinstance(o, TextDelta)] == ["Hello ", "wor", "ld", "!"]
+    assert translator.text == "Hello world!"
+
+
+def test_non_streaming_fallback_after_a_drop_completes_the_text():
+    fallback = {"type": "assistant", "message": {"id": "msg_2", "content": [{"type": "text", "text": "Hi there"}]}}
+    _, out = translate([message_start(), text_delta("Hi "), ABANDONED, fallback, success("Hi there")])
+    assert "".join(o.text for o in out if isinstance(o, TextDelta)) == "Hi there"
+
+
+def test_a_retry_that_writes_something_else_fails_a_live_stream():
+    lines = [message_start(), text_delta("Partial "), ABANDONED, message_start(), text_delta("Other"), success()]
+    with pytest.raises(ApiError) as caught:
+        translate(lines)
+    assert (caught.value.status, caught.value.code) == (502, "upstream_stream_restarted")
+    translator, _ = translate(lines, live=False)  # a non-streaming reply simply starts over
+    assert translator.text == "Other"
+
+
+@pytest.mark.parametrize("pieces, stops, sent", [
+    (["Hello STOP world"], ["STOP"], "Hello "),
+    (["Hello ST", "OP world"], ["STOP"], "Hello "),
+    (["Hel", "lo", " S", "T", "OP"], ["STOP"], "Hello "),
+    (["one\n\ntwo"], ["\n\n", "two"], "one"),
+    (["ST", "ART and STOP"], ["STOP"], "START and "),
+    (["no stop here"], ["STOP"], "no stop here"),
+    (["ends with ST"], ["STOP"], "ends with ST"),
+])
+def test_stop_sequences_cut_the_text(pieces, stops, sent):
+    translator, out = translate([message_start(), *map(text_delta, pieces), success()], stop=stops)
+    assert "".join(o.text for o in out if isinstance(o, TextDelta)) == sent
+    assert out[-1].stop_reason == ("stop_sequence" if translator.ended_by else "end_turn")
+
+
+def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_stream():
+    interrupted = {"type": "result", "subtype": "error_during_execution", "is_error": True,
+                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+    translator, out = translate([message_start(input_tokens=42), text_delta("a."), text_delta("b"),
+                                 interrupted], stop=["."])
+    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1))]
+
+
+@pytest.mark.parametrize("lines, status, code", [
+    (failure("Not logged in · Please run /login", None, "authentication_failed"), 503, "claude_not_logged_in"),
+    (failure("Invalid API key · Fix external API key", 401, "authentication_failed"), 503,
+     "claude_not_logged_in"),
+    (failure("API Error: Repeated 529 Overloaded errors", 529, "unknown"), 503, "overloaded"),
+    (failure("Prompt is too long", None, None, terminal="blocking_limit"), 400, "context_length_exceeded"),
+    (failure("Request too large (max 32MB)", 413, None, terminal="image_error"), 413, "request_too_large"),
+    (failure("There's an issue with the selected model", 404, "model_not_found"), 404, "model_not_found"),
+    (failure("API Error: 400 messages: bad", 400, "invalid_request"), 400, "invalid_request"),
+    (failure("API Error: 500 Internal server error", 500, "server_error"), 502, "upstream_error"),
+])
+def test_claude_failures_map_to_statuses_clients_can_act_on(lines, status, code):
+    with pytest.raises(ApiError) as caught:
+        translate(lines)
+    assert (caught.value.status, caught.value.code) == (status, code)
+
+
+def test_rate_limit_retry_after_comes_from_the_subscription_window():
+    window = {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1_000_120}}
+    with pytest.raises(ApiError) as caught:
+        translate([window, *failure("usage limit reached", 429, "rate_limit")], clock=lambda: 1_000_000)
+    assert ("Retry-After", "120") in caught.value.headers
+
+
+def test_not_logged_in_says_how_to_log_in():
+    with pytest.raises(ApiError) as caught:
+        translate(failure("Not logged in · Please run /login", None, "authentication_failed"))
+    assert "run `claude`" in caught.value.message and "log in" in caught.value.message
+
+
+# ── 7. The OpenAI response ──────────────────────────────────────────────────
+
+@pytest.mark.parametrize("stop_reason, finish", [
+    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
+    ("refusal", "content_filter"), (None, "stop"),
+])
+def test_finish_reasons(stop_reason, finish):
+    assert cmp.finish_reason(stop_reason) == finish
+
+
+def test_usage_counts_cache_reads_and_writes_as_prompt_tokens():
+    usage = Usage(input_tokens=5, output_tokens=7, cache_read_tokens=100, cache_write_tokens=20,
+                  reasoning_tokens=3)
+    assert cmp.usage_body(usage) == {"prompt_tokens": 125, "completion_tokens": 7, "total_tokens": 132,
+                                     "prompt_tokens_details": {"cached_tokens": 100},
+                                     "completion_tokens_details": {"reasoning_tokens": 3}}
+
+
+def test_chunks_share_id_created_and_model():
+    reply = cmp.Reply("openai/claude-opus-4", include_usage=True)
+    chunks = [reply.chunk({"role": "assistant"}), reply.delta_chunk(TextDelta("x")),
+              reply.usage_chunk(Usage())]
+    assert {(c["id"], c["created"], c["model"], c["object"]) for c in chunks} == \
+        {(reply.id, reply.created, "openai/claude-opus-4", "chat.completion.chunk")}
+    assert chunks[2]["choices"] == [] and chunks[2]["usage"]["total_tokens"] == 0
+
+
+# ── 8. The HTTP server (real CLI, fake upstream) ────────────────────────────
+
+def test_completion(client, upstream):
+    upstream.default = answer("Paris.", usage={"input_tokens": 12, "output_tokens": 3,
+                                               "cache_read_input_tokens": 100,
+                                               "cache_creation_input_tokens": 20})
+    reply = client.chat(model="openai/claude-opus-4", messages=[{"role": "user", "content": "Capital of France?"}])
+    assert reply.status == 200
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["model"] == "openai/claude-opus-4"
+    assert body["choices"][0]["message"]["content"] == "Paris."
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == 132 and body["usage"]["completion_tokens"] == 3
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 100}
+    assert upstream.last["model"] == "claude-opus-5-5"
+    assert user_texts(upstream.last) == [["Capital of France?"]]
+
+
+def test_stream(client, upstream):
+    upstream.default = answer(pieces=["Hel", "lo"], thinking="Hmm.")
+    reply, frames = client.stream(stream_options={"include_usage": True},
+                                  headers={"Accept": "application/json"})  # as the JS SDK sends
+    assert reply.status == 200 and reply.getheader("Content-Type").startswith("text/event-stream")
+    chunks = [f for f in frames if isinstance(f, dict)]
+    assert frames[-1] == "[DONE]"
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert sum("role" in c["choices"][0]["delta"] for c in chunks if c["choices"]) == 1
+    assert [c["choices"][0]["delta"] for c in chunks[1:4]] == [
+        {"reasoning_content": "Hmm."}, {"content": "Hel"}, {"content": "lo"}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]].count("stop") == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    _, frames = client.stream()
+    assert all(f["choices"] for f in frames if isinstance(f, dict))
+    assert content_of(frames) == "Hello from fake upstream."
+
+
+def test_text_is_forwarded_as_it_arrives(client, upstream):
+    upstream.default = answer(pieces=["first ", "second"], hold_after=1)
+    _, frames = client.open_stream()
+    first_content = next(f for f in frames if isinstance(f, dict) and f["choices"][0]["delta"].get("content"))
+    assert first_content["choices"][0]["delta"]["content"] == "first "
+    assert not upstream.finished.is_set()  # the upstream is still holding "second"
+    upstream.release.set()
+    assert content_of(frames) == "second"
+
+
+def test_reasoning_content_in_a_completion(client, upstream):
+    upstream.default = answer("42", thinking="6 times 7.")
+    message = client.chat().json()["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("42", "6 times 7.")
+
+
+def test_system_prompt_is_the_clis_system_prompt_not_user_text(client, upstream):
+    client.chat(messages=[{"role": "system", "content": "SYSTEM-MARKER"},
+                          {"role": "developer", "content": "DEVELOPER-MARKER"}, USER])
+    system_text = json.dumps(upstream.last["system"])
+    assert "SYSTEM-MARKER\\n\\nDEVELOPER-MARKER" in system_text
+    assert "MARKER" not in json.dumps(upstream.last["messages"])
+
+
+def test_conversation_reaches_upstream_as_real_turns(client, upstream):
+    reply = client.chat(messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                                  {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"},
+                                  {"role": "user", "content": "Q3"}])
+    assert reply.status == 200 and len(upstream.posts) == 1
+    turns = [(m["role"], m["content"]) for m in upstream.last["messages"] if m["role"] != "system"]
+    assert [role for role, _ in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert user_texts(upstream.last) == [["Q1"], ["Q2"], ["Q3"]]
+    assert [c[0]["text"] for r, c in turns if r == "assistant"] == ["A1", "A2"]
+
+
+def test_consecutive_user_messages_reach_upstream_as_one_turn(client, upstream):
+    client.chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "prompt"},
+                          {"role": "user", "content": [{"type": "text", "text": "internal context"}]}])
+    assert user_texts(upstream.last) == [["prompt", "internal context"]]
+
+
+def test_images_reach_upstream(client, upstream):
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    reply = client.chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}])
+    assert reply.status == 200
+    blocks = upstream.last["messages"][0]["content"]
+    sources = [b["source"] for b in blocks if b["type"] == "image"]
+    assert sources == [{"type": "base64", "media_type": "image/png", "data": png},
+                       {"type": "url", "url": "https://example.com/cat.jpg"}]
+
+
+@pytest.mark.parametrize("prompt", ["--help", "-x", "/cost", "/foo bar", "/usr/bin/env is broken",
+                                    pytest.param("x" * 300_000, id="300KB")])
+def test_prompts_arrive_intact_whatever_they_look_like(client, upstream, prompt):
+    reply = client.chat(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"},
+                                  {"role": "user", "content": prompt}])
+    assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "Hello from fake upstream."
+    assert ["".join(texts) for texts in user_texts(upstream.last)] == [prompt, prompt]
+    assert "slash command" not in json.dumps(upstream.last["messages"])
+
+
+def test_cli_has_no_tools_no_project_files_and_saves_nothing(client, upstream, tmp_path, monkeypatch):
+    (tmp_path / "CLAUDE.md").write_text("PROJECT-MEMORY-MARKER")
+    monkeypatch.chdir(tmp_path)
+    assert client.chat().status == 200
+    body = json.dumps(upstream.last)
+    assert upstream.last["tools"] == []
+    assert "PROJECT-MEMORY-MARKER" not in body and str(tmp_path) + "\\n" not in body
+    projects = Path(os.environ["HOME"]) / ".claude" / "projects"
+    assert not list(projects.rglob("*.jsonl")) if projects.exists() else True
+
+
+def test_max_tokens_effort_and_no_thinking_reach_upstream(client, upstream):
+    client.chat(max_completion_tokens=77, reasoning_effort="high")
+    assert upstream.last["max_tokens"] == 77 and upstream.last["output_config"]["effort"] == "high"
+    assert "thinking" in upstream.last
+    client.chat(reasoning_effort="none")
+    assert "thinking" not in upstream.last
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_ends_the_reply_with_length_and_no_continuation(client, upstream, stream):
+    upstream.default = answer(pieces=["trun", "cated"], stop_reason="max_tokens")
+    if stream:
+        _, frames = client.stream(max_tokens=3)
+        text = content_of(frames)
+        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+    else:
+        choice = client.chat(max_tokens=3).json()["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert (text, finish) == ("truncated", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_ends_the_text_and_stops_claude(client, upstream, stream):
+    upstream.default = answer(pieces=["one ", "two ", "STOP", " three"], hold_after=3)
+    if stream:
+        _, frames = client.stream(stop=["STOP"])
+        text = content_of(frames)
+        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+    else:
+        choice = client.chat(stop="STOP").json()["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert (text, finish) == ("one two ", "stop")
+    # The CLI is gone while the upstream still holds " three": Claude was stopped.
+    assert wait_until(lambda: client.server.live_processes() == [])
+    assert not upstream.finished.is_set()
+
+
+def test_subscription_is_used_even_with_an_api_key_in_the_environment(start_proxy, upstream, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-billed")
+    start_proxy().chat()
+    assert "x-api-key" not in upstream.posts[-1]["headers"]
+    assert upstream.posts[-1]["headers"]["authorization"] == "Bearer test"
+    start_proxy(use_api_key=True).chat()
+    assert upstream.posts[-1]["headers"]["x-api-key"] == "sk-ant-billed"
+
+
+def test_cli_retries_are_bounded(start_proxy, upstream):
+    upstream.default = fail(500, "api_error", "Internal server error")
+    reply = start_proxy(max_retries=1).chat()
+    assert (reply.status, reply.error["code"]) == (502, "upstream_error")
+    assert len(upstream.posts) == 2
+
+
+def test_rate_limit_is_429_with_retry_after(start_proxy, upstream):
+    upstream.default = fail(429, "rate_limit_error", "Number of request tokens has exceeded your limit",
+                            [("retry-after", "1")])
+    reply = start_proxy(max_retries=0).chat()
+    assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+    assert reply.error["type"] == "rate_limit_error" and "exceeded your limit" in reply.error["message"]
+
+
+def test_overloaded_is_503_with_retry_after(start_proxy, upstream):
+    upstream.default = fail(529, "overloaded_error", "Overloaded")
+    reply = start_proxy(max_retries=0).chat()
+    assert (reply.status, reply.error["code"]) == (503, "overloaded") and "retry-after" in reply.headers
+
+
+def test_not_logged_in_is_503_saying_how_to_log_in(client, upstream, monkeypatch):
+    monkeypatch.delenv("CLAUDE_CODE_OAUTH_TOKEN")
+    reply = client.chat()
+    assert reply.status == 503 and "log in" in reply.error["message"]
+    assert upstream.posts == []
+
+
+def test_upstream_bad_request_is_400(start_proxy, upstream):
+    upstream.default = fail(400, "invalid_request_error", "messages.0: something is off")
+    reply = start_proxy(max_retries=0).chat()
+    assert reply.status == 400 and "something is off" in reply.error["message"]
+
+
+def test_prompt_too_long_is_400(client, upstream):
+    reply = client.chat(messages=[{"role": "user", "content": "word " * 700_000}])
+    assert (reply.status, reply.error["code"]) == (400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dropped_stream_that_claude_retries_is_not_duplicated(start_proxy, upstream, stream):
+    upstream.script = [drop(["Hello "])]
+    upstream.default = answer("Hello world")
+    proxy = start_proxy(max_retries=0)
+    if stream:
+        _, frames = proxy.open_stream()
+        assert content_of([next(frames), next(frames)]) == "Hello "  # the role chunk, then "Hello "
+        upstream.release.set()
+        text = "Hello " + content_of(frames)
+    else:
+        upstream.release.set()
+        text = proxy.chat().json()["choices"][0]["message"]["content"]
+    assert text == "Hello world" and len(upstream.posts) == 2
+
+
+def test_an_error_after_the_stream_began_is_an_error_event_then_done(start_proxy, upstream):
+    upstream.script = [drop(["Partial "])]
+    upstream.default = answer("Something else")
+    reply, frames = start_proxy(max_retries=0).open_stream()
+    assert content_of([next(frames), next(frames)]) == "Partial "
+    upstream.release.set()
+    rest = list(frames)
+    assert reply.status == 200 and content_of(rest) == ""
+    assert rest[-2]["error"]["code"] == "upstream_stream_restarted" and rest[-1] == "[DONE]"
+
+
+def test_keep_alive_comments_while_claude_is_silent(client, upstream, monkeypatch):
+    monkeypatch.setattr(cmp, "KEEPALIVE_SECONDS", 0.3)
+    upstream.default = answer(pieces=["late"], hold_after=0)
+    reply, frames = client.open_stream()
+    assert next(frames) == ": keep-alive" or next(frames) == ": keep-alive"
+    upstream.release.set()
+    assert content_of(frames) == "late"
+
+
+def test_request_timeout_is_504_and_stops_the_cli(start_proxy, upstream):
+    upstream.default = stall
+    proxy = start_proxy(timeout=1)
+    reply = proxy.chat()
+    assert (reply.status, reply.error["code"]) == (504, "timeout")
+    assert proxy.server.live_processes() == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_gets_its_cli_stopped_within_a_second(client, upstream, stream):
+    upstream.default = stall
+    conn = client.connect()
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({"model": "claude-sonnet-4", "messages": [USER], "stream": stream}),
+                 {"Content-Type": "application/json"})
+    assert upstream.posted.wait(10)
+    [process] = client.server.live_processes()
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    gone_at = time.monotonic()
+    assert wait_until(lambda: not pid_alive(process.popen.pid), timeout=1.0)
+    assert time.monotonic() - gone_at < 1.0
+    assert wait_until(lambda: client.server.live_processes() == [])
+
+
+def test_cli_printing_garbage_is_502(start_proxy, tmp_path):
+    claude = fake_cli(tmp_path, "print('Segmentation fault?', flush=True)\nsys.stdin.read()\n")
+    reply = start_proxy(claude=claude).chat()
+    assert (reply.status, reply.error["code"]) == (502, "cli_bad_output")
+
+
+def test_cli_dying_is_502_with_its_last_words(start_proxy, tmp_path):
+    claude = fake_cli(tmp_path, "sys.stderr.write('fatal: out of cheese\\n'); sys.exit(3)\n")
+    reply = start_proxy(claude=claude).chat()
+    assert reply.status == 502 and "status 3" in reply.error["message"]
+    assert "out of cheese" in reply.error["message"]
+
+
+def test_busy_server_queues_briefly_then_answers_429(start_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cmp, "QUEUE_LENGTH", 1)
+    monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 30)
+    upstream.default = answer("slow", hold_after=0)
+    proxy = start_proxy(max_concurrency=1)
+    replies = []
+    first = threading.Thread(target=lambda: replies.append(proxy.chat()))
+    first.start()
+    assert upstream.posted.wait(10)
+    second = threading.Thread(target=lambda: replies.append(proxy.chat()))
+    second.start()
+    assert wait_until(lambda: proxy.call("GET", "/health").json()["queued"] == 1)
+    health = proxy.call("GET", "/health").json()
+    assert (health["in_flight"], health["queued"]) == (1, 1)
+    third = proxy.chat()
+    assert third.status == 429 and third.headers["retry-after"] == str(cmp.BUSY_RETRY_SECONDS)
+    upstream.release.set()
+    first.join(20)
+    second.join(20)
+    assert [r.status for r in replies] == [200, 200]
+
+
+def test_health(client):
+    body = client.call("GET", "/health").json()
+    assert body == {"status": "ok", "claude_version": "2.1.329", "in_flight": 0, "queued": 0}
+
+
+def test_models(client):
+    listing = client.call("GET", "/v1/models").json()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["claude-opus-4", "claude-sonnet-4", "claude-haiku-4",
+                                                  "opus", "sonnet", "haiku"]
+    assert all(m["object"] == "model" and m["owned_by"] == "anthropic" for m in listing["data"])
+    assert client.call("GET", "/models").json() == listing
+    assert client.call("GET", "/v1/models/openai%2Fclaude-opus-4").json()["id"] == "openai/claude-opus-4"
+    assert client.call("GET", "/v1/models/claude-sonnet-4-5-20250929").status == 200
+    missing = client.call("GET", "/v1/models/gpt-4o")
+    assert missing.status == 404 and missing.error["code"] == "model_not_found"
+
+
+def test_routes_work_without_the_v1_prefix(client):
+    assert client.call("POST", "/chat/completions", {"model": "sonnet", "messages": [USER]}).status == 200
+
+
+@pytest.mark.parametrize("method, path, body, raw, status, code", [
+    ("POST", "/v1/chat/completions", None, b"{not json", 400, "invalid_json"),
+    ("POST", "/v1/chat/completions", [1, 2], None, 400, None),
+    ("POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": [USER]}, None, 404, "model_not_found"),
+    ("GET", "/v1/nothing-here", None, None, 404, "unknown_route"),
+    ("GET", "/v1/chat/completions", None, None, 405, "method_not_allowed"),
+    ("DELETE", "/v1/models", None, None, 405, "method_not_allowed"),
+])
+def test_http_errors_use_openais_envelope(client, method, path, body, raw, status, code):
+    reply = client.call(method, path, body, raw=raw)
+    assert reply.status == status and reply.error["code"] == code
+    assert reply.error["message"]
+
+
+def test_wrong_method_says_which_is_allowed(client):
+    assert client.call("GET", "/v1/chat/completions").headers["allow"] == "POST"
+
+
+def test_body_over_the_limit_is_413(client, monkeypatch):
+    monkeypatch.setattr(cmp, "MAX_BODY_BYTES", 1000)
+    reply = client.chat(messages=[{"role": "user", "content": "x" * 2000}])
+    assert (reply.status, reply.error["code"]) == (413, "request_too_large")
+
+
+def test_unknown_http_method_is_a_json_error(client):
+    reply = client.call("BREW", "/v1/models")
+    assert reply.status == 501 and reply.error["message"]
+
+
+def test_api_key_is_required_everywhere_but_health(start_proxy):
+    proxy = start_proxy(api_key="sekrit")
+    assert proxy.call("GET", "/health").status == 200
+    missing = proxy.call("GET", "/v1/models")
+    assert (missing.status, missing.error["code"]) == (401, "invalid_api_key")
+    assert proxy.call("GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status == 401
+    assert proxy.chat().status == 401
+    assert proxy.call("GET", "/v1/models", headers={"Authorization": "Bearer sekrit"}).status == 200
+
+
+def test_no_cors_unless_asked_and_foreign_origins_are_refused(client):
+    reply = client.call("GET", "/v1/models", headers={"Origin": "https://evil.example"})
+    assert reply.status == 403 and "access-control-allow-origin" not in reply.headers
+    assert "access-control-allow-origin" not in client.call("GET", "/v1/models").headers
+
+
+def test_cors_preflight_for_named_origins(start_proxy):
+    proxy = start_proxy(cors_origins=("http://localhost:8080",), api_key="k")
+    requested = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+    reply = proxy.call("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://localhost:8080", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": requested})
+    assert reply.status == 204
+    assert reply.headers["access-control-allow-origin"] == "http://localhost:8080"
+    assert reply.headers["access-control-allow-headers"] == requested
+    assert "POST" in reply.headers["access-control-allow-methods"]
+    models = proxy.call("GET", "/v1/models", headers={"Origin": "http://localhost:8080",
+                                                      "Authorization": "Bearer k"})
+    assert models.headers["access-control-allow-origin"] == "http://localhost:8080"
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("localhost:3456", True), ("127.0.0.1", True), ("[::1]:3456", True), ("app.localhost", True),
+    ("evil.example", False), ("evil.example:3456", False), ("192.168.1.5", False),
+])
+def test_dns_rebinding_hosts_are_refused_on_loopback(host, allowed):
+    assert cmp.host_allowed(host, Config()) is allowed
+
+
+def test_allowed_host_option_and_the_403(start_proxy):
+    assert start_proxy().call("GET", "/health", headers={"Host": "box.lan"}).status == 403
+    assert start_proxy(allowed_hosts=("box.lan",)).call("GET", "/health", headers={"Host": "box.lan"}).status == 200
+    assert cmp.host_allowed("anything", Config(host="0.0.0.0"))
+
+
+def test_access_log_has_one_line_per_request_and_no_prompt_text(client, caplog):
+    caplog.set_level("INFO", logger="claude-max-proxy")
+    reply = client.chat(messages=[{"role": "user", "content": "SECRET-PROMPT"}],
+                        headers={"x-request-id": "req-123"})
+    assert reply.headers["x-request-id"] == "req-123"
+    # The line is written once the response is out, so the client may see the reply first.
+    assert wait_until(lambda: any("/v1/chat/completions" in r.getMessage() for r in caplog.records))
+    [line] = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
+    assert line.startswith("POST /v1/chat/completions 200 model=claude-sonnet-4 tokens=10+5 ")
+    assert line.endswith("id=req-123")
+    assert not any("SECRET-PROMPT" in r.getMessage() or "Hello from fake" in r.getMessage()
+                   for r in caplog.records)
+
+
+# ── 9. main ─────────────────────────────────────────────────────────────────
+
+def run_main(*args, env=None):
+    return subprocess.run([sys.executable, str(HERE / "claude_max_proxy.py"), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_missing_cli_is_a_one_line_error_naming_the_fix(tmp_path):
+    done = run_main("--claude", str(tmp_path / "no-such-claude"), "--port", "0")
+    assert done.returncode == 2
+    assert "npm install -g @anthropic-ai/claude-code" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_broken_cli_is_a_one_line_error(tmp_path):
+    broken = tmp_path / "claude"
+    broken.write_text("#!/bin/sh\necho 'cannot execute binary file' >&2\nexit 126\n")
+    broken.chmod(0o755)
+    done = run_main("--claude", str(broken), "--port", "0")
+    assert done.returncode == 2 and "status 126" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_network_address_without_api_key_is_refused():
+    done = run_main("--host", "0.0.0.0", "--port", "0")
+    assert done.returncode == 2 and "--api-key" in done.stderr
+
+
+def find_children(pid: int) -> list:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.split(")")[-1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_server_and_every_cli_child(upstream, real_cli, signum):
+    upstream.default = stall
+    env = dict(os.environ, ANTHROPIC_API_KEY="sk-ant-should-go")
+    proxy = subprocess.Popen([sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", real_cli,
+                              "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in proxy.stderr:
+            lines.append(line)
+            if " on http://" in line:
+                break
+        assert any("ANTHROPIC_API_KEY removed" in line for line in lines)
+        port = int(lines[-1].split("127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "sonnet", "messages": [USER], "stream": True}), {"Content-Type": "application/json"})
+        assert upstream.posted.wait(10)
+        [child] = find_children(proxy.pid)
+        proxy.send_signal(signum)
+        assert proxy.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5) == 0
+        assert not pid_alive(child)
+        reply = conn.getresponse()
+        assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "shutting_down"
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+def test_launch_agent_runs_this_file_with_the_system_python():
+    import plistlib
+    agent = plistlib.loads((HERE / "com.claude-max-api.plist").read_bytes())
+    assert agent["Label"] == "com.claude-max-api" and agent["KeepAlive"] and agent["RunAtLoad"]
+    assert agent["ProgramArguments"] == ["/usr/bin/python3", "/Users/YOU/claude-max-proxy/claude_max_proxy.py"]

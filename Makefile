@@ -5,8 +5,9 @@ CLAUDE_CODE_VERSION = 2.1.329
 CLI_DIR = .cache/claude
 CLI = $(CLI_DIR)/node_modules/.bin/claude
 AGENT = $(HOME)/Library/LaunchAgents/com.claude-max-api.plist
+LAUNCHCTL = launchctl
 
-.PHONY: run test cli install-agent uninstall-agent
+.PHONY: run test cli bench install-launchagent uninstall-launchagent
 
 run:
 	$(PYTHON) claude_max_proxy.py
@@ -28,13 +29,13 @@ $(CLI):
 	CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 ANTHROPIC_BASE_URL=http://127.0.0.1:9 $(CLI) --version
 
 # macOS: run the proxy at login with the system Python, restarting it if it stops.
-install-agent:
+install-launchagent:
 	mkdir -p $(HOME)/Library/LaunchAgents $(HOME)/Library/Logs
 	sed -e "s|/Users/YOU/claude-max-proxy|$(CURDIR)|g" -e "s|/Users/YOU|$(HOME)|g" \
 		com.claude-max-api.plist > $(AGENT)
-	launchctl unload $(AGENT) 2>/dev/null || true
-	launchctl load $(AGENT)
+	$(LAUNCHCTL) unload $(AGENT) 2>/dev/null || true
+	$(LAUNCHCTL) load $(AGENT)
 
-uninstall-agent:
-	launchctl unload $(AGENT) 2>/dev/null || true
+uninstall-launchagent:
+	$(LAUNCHCTL) unload $(AGENT) 2>/dev/null || true
 	rm -f $(AGENT)

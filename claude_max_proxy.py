@@ -51,6 +51,7 @@ log = logging.getLogger("claude-max-proxy")
 # ── 1. Configuration: argv + environment → Config ───────────────────────────
 
 ENV_PREFIX = "CLAUDE_MAX_PROXY_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
 
 
@@ -89,7 +90,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     add = parser.add_argument
     add("--host", default=env("HOST") or Config.host,
         help="address to listen on (HOST; default %(default)s)")
-    add("--port", type=int, default=int(env("PORT") or Config.port),
+    add("--port", type=int, default=env("PORT") or Config.port,
         help="port to listen on (PORT; default %(default)s)")
     add("--claude", metavar="PATH", default=env("CLAUDE") or Config.claude,
         help="the Claude Code CLI to run (CLAUDE; default: `claude` on PATH)")
@@ -102,12 +103,12 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         help="accept this Host name too while bound to loopback; repeatable "
              "(ALLOWED_HOSTS, comma-separated; default: loopback names only)")
     add("--max-concurrency", metavar="N", type=int,
-        default=int(env("MAX_CONCURRENCY") or Config.max_concurrency),
+        default=env("MAX_CONCURRENCY") or Config.max_concurrency,
         help="CLI processes running at once; a few more requests wait briefly, "
              "the rest get 429 (MAX_CONCURRENCY; default %(default)s)")
-    add("--timeout", metavar="SECONDS", type=float, default=float(env("TIMEOUT") or Config.timeout),
+    add("--timeout", metavar="SECONDS", type=float, default=env("TIMEOUT") or Config.timeout,
         help="give up on a request after this long, with 504 (TIMEOUT; default %(default)s)")
-    add("--max-retries", metavar="N", type=int, default=int(env("MAX_RETRIES") or Config.max_retries),
+    add("--max-retries", metavar="N", type=int, default=env("MAX_RETRIES") or Config.max_retries,
         help="retries the CLI makes on upstream errors (MAX_RETRIES; default %(default)s)")
     add("--use-api-key", action="store_true", default=_env_flag(env("USE_API_KEY")),
         help="let the CLI see ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN, which bills the API "
@@ -115,11 +116,16 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     add("--allow-unauthenticated-remote", action="store_true",
         default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
         help="allow a non-loopback --host without --api-key (ALLOW_UNAUTHENTICATED_REMOTE=1)")
-    add("--log-level", choices=("debug", "info", "warning", "error"),
-        default=(env("LOG_LEVEL") or Config.log_level).lower(),
+    add("--log-level", choices=LOG_LEVELS, default=(env("LOG_LEVEL") or Config.log_level).lower(),
         help="log verbosity on stderr (LOG_LEVEL; default %(default)s)")
     add("--version", action="version", version=f"claude-max-proxy {__version__}")
+    # String defaults (from the environment) go through type= like typed values,
+    # so CLAUDE_MAX_PROXY_PORT=abc is a usage error, not a traceback.
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.log_level not in LOG_LEVELS:  # argparse checks choices only on the command line
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
     if args.timeout <= 0:
@@ -245,6 +251,8 @@ def parse_chat_request(body: object) -> ChatRequest:
     system_prompt, turns = parse_messages(body.get("messages"))
     stream = _optional(body, "stream", (bool,), False)
     stream_options = _optional(body, "stream_options", (dict,), {}) or {}
+    include_usage = _optional(stream_options, "include_usage", (bool,), False,
+                              param="stream_options.include_usage")
     if _optional(body, "n", (int,), 1) != 1:
         raise ApiError(400, "Only n=1 is supported: Claude Code returns one choice per request.", param="n")
     if _optional(body, "logprobs", (bool,), False) or body.get("top_logprobs") is not None:
@@ -255,17 +263,18 @@ def parse_chat_request(body: object) -> ChatRequest:
     settings = CliSettings(model=cli_model, system_prompt=system_prompt,
                            max_tokens=_max_tokens(body), **_effort(body))
     return ChatRequest(model=model, settings=settings, history=tuple(turns[:-1]), prompt=turns[-1],
-                       stream=bool(stream), include_usage=bool(stream_options.get("include_usage")),
+                       stream=stream, include_usage=include_usage,
                        stop=_stop_sequences(body.get("stop")))
 
 
-def _optional(body: dict, name: str, kinds: tuple, default):
+def _optional(body: dict, name: str, kinds: tuple, default, param: Optional[str] = None):
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         kind = {bool: "boolean", int: "integer", dict: "object", str: "string"}.get(kinds[0], "number")
-        raise ApiError(400, f"'{name}' must be a {kind}, got {json.dumps(value)[:40]}.", param=name)
+        param = param or name
+        raise ApiError(400, f"'{param}' must be a {kind}, got {json.dumps(value)[:40]}.", param=param)
     return value
 
 
@@ -344,14 +353,20 @@ def _plain_text(content: object, where: str) -> str:
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "refusal"):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind not in ("text", "input_text", "refusal"):
                 raise ApiError(400, f"{where}.content[{i}] has type '{kind}'; only text parts "
                                     "are allowed here.", param=f"{where}.content[{i}]")
-            texts.append(str(part.get("text") or part.get("refusal") or ""))
+            texts.append(_part_text(part, "refusal" if kind == "refusal" else "text", f"{where}.content[{i}]"))
         return "\n".join(texts)
     raise ApiError(400, f"{where}.content must be a string or an array of content parts.",
                    param=f"{where}.content")
+
+
+def _part_text(part: dict, key: str, where: str) -> str:
+    if not isinstance(part.get(key), str):
+        raise ApiError(400, f"{where}.{key} must be a string.", param=f"{where}.{key}")
+    return part[key]
 
 
 def _user_blocks(content: object, where: str) -> list:
@@ -363,10 +378,9 @@ def _user_blocks(content: object, where: str) -> list:
         here = f"{where}.content[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text"):
-            if not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{here}.text must be a string.", param=f"{here}.text")
-            if part["text"]:
-                blocks.append({"type": "text", "text": part["text"]})
+            text = _part_text(part, "text", here)
+            if text:
+                blocks.append({"type": "text", "text": text})
         elif kind == "image_url":
             blocks.append(_image_block(part.get("image_url"), here))
         else:
@@ -387,13 +401,15 @@ def _image_block(image_url: object, where: str) -> dict:
         raise ApiError(400, f"{where}.image_url.url must be an http(s) URL or a base64 data URL "
                             "(data:image/png;base64,...).", param=f"{where}.image_url")
     media_type, data = match["type"].lower(), re.sub(r"\s+", "", match["data"])
+    media_type = "image/jpeg" if media_type == "image/jpg" else media_type
     if media_type not in IMAGE_TYPES:
         raise ApiError(400, f"{where} is a {media_type} image; Claude accepts "
                             f"{', '.join(IMAGE_TYPES)}.", param=f"{where}.image_url")
     try:
-        base64.b64decode(data, validate=True)
+        if not base64.b64decode(data, validate=True):
+            raise binascii.Error("no data")
     except binascii.Error:
-        raise ApiError(400, f"{where}.image_url.url has invalid base64 data.",
+        raise ApiError(400, f"{where}.image_url.url has no valid base64 data.",
                        param=f"{where}.image_url") from None
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
@@ -407,8 +423,8 @@ def _assistant_blocks(message: dict, where: str) -> list:
     for i, call in enumerate(tool_calls):
         here = f"{where}.tool_calls[{i}]"
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
-                or not isinstance(function.get("name"), str):
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"] \
+                or not isinstance(function.get("name"), str) or not function["name"]:
             raise ApiError(400, f"{here} must have an 'id' and a 'function' with a 'name'.", param=here)
         arguments = function.get("arguments") or "{}"
         try:
@@ -461,7 +477,9 @@ def build_cli_env(environ: Mapping[str, str], config: Config, settings: CliSetti
 
 
 def stdin_line(message: dict) -> bytes:
-    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+    # ASCII escapes: a lone surrogate (a JS client cutting an emoji in half) is
+    # valid JSON as \udfff but cannot be encoded as UTF-8.
+    return (json.dumps(message) + "\n").encode("ascii")
 
 
 def user_line(turn: Turn, query: bool = True) -> bytes:
@@ -527,6 +545,9 @@ class ClaudeProcess:
         # stdout, and a child that fills one with warnings blocks forever.
         self._stderr = tempfile.TemporaryFile()
         self._lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        # Writes go through a thread: a child that stops reading must not block
+        # the request thread, which watches the deadline and the client.
+        self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
         self._lock = threading.Lock()
         self.turn_finished = False
         try:
@@ -537,24 +558,27 @@ class ClaudeProcess:
         except OSError as exc:
             self._cleanup()
             raise ApiError(502, f"Could not start the Claude Code CLI: {exc}", code="cli_failed") from None
-        threading.Thread(target=self._read_stdout, name=f"cli-{self.popen.pid}", daemon=True).start()
-        try:  # the system prompt goes on stdin, not argv: clients send tens of KB of it
-            self.write(control_line("init", "initialize", systemPrompt=settings.system_prompt))
-        except ApiError:
-            self.close()
-            raise
+        threading.Thread(target=self._read_stdout, name=f"cli-out-{self.popen.pid}", daemon=True).start()
+        threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
+        # The system prompt goes on stdin, not argv: clients send tens of KB of it.
+        self.write(control_line("init", "initialize", systemPrompt=settings.system_prompt))
 
     def _read_stdout(self):
         for raw in self.popen.stdout:
             self._lines.put(raw)
         self._lines.put(None)
 
-    def write(self, data: bytes):
+    def _write_stdin(self):
         try:
-            self.popen.stdin.write(data)
-            self.popen.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            raise self._exit_error() from None
+            for data in iter(self._stdin.get, None):
+                self.popen.stdin.write(data)
+                self.popen.stdin.flush()
+            self.popen.stdin.close()  # after a result, the CLI then exits by itself
+        except (OSError, ValueError):
+            pass  # the child is gone; the stdout reader reports how
+
+    def write(self, data: bytes):
+        self._stdin.put(data)
 
     def next_event(self, timeout: float) -> Optional[dict]:
         """The next stdout line as a dict, or None if nothing came within `timeout`."""
@@ -607,11 +631,8 @@ class ClaudeProcess:
     def close(self):
         """Stop the child: gently after a finished turn, at once otherwise."""
         with self._lock:
+            self._stdin.put(None)  # ends the writer thread, and stdin with it
             if self.popen.poll() is None:
-                try:
-                    self.popen.stdin.close()  # after a result, the CLI exits by itself
-                except OSError:
-                    pass
                 if not self.turn_finished:
                     self.popen.terminate()
                 try:
@@ -873,6 +894,8 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
     if terminal == "blocking_limit" or "prompt is too long" in lowered:
         return ApiError(400, f"The conversation is too long for the model: {message}",
                               code="context_length_exceeded")
+    if status == 403:  # the CLI tags it authentication_failed too, but logging in again will not help
+        return ApiError(403, str(message), code="permission_denied")
     if error_kind == "authentication_failed" or status == 401 or "not logged in" in lowered:
         return ApiError(503, f"Claude Code is not logged in or its login was rejected "
                                    f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in")
@@ -888,8 +911,6 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
         return ApiError(413, f"The request is too large for Claude: {message}", code="request_too_large")
     if error_kind == "model_not_found" or status == 404:
         return ApiError(404, str(message), code="model_not_found")
-    if status == 403:
-        return ApiError(403, str(message), code="permission_denied")
     if error_kind == "invalid_request" or status == 400:
         return ApiError(400, str(message), code="invalid_request")
     return ApiError(502, f"Claude Code reported an error: {message}", code="upstream_error")
@@ -957,6 +978,11 @@ SHUTDOWN_GRACE_SECONDS = 5
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 ROUTES = {"/health": "GET", "/models": "GET", "/models/": "GET", "/chat/completions": "POST"}
+
+
+def json_bytes(body: object) -> bytes:
+    # "replace": a lone surrogate the client sent (and we echo) becomes "?", not an exception.
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 class ClientGone(Exception):
@@ -1038,12 +1064,12 @@ class ProxyServer(ThreadingHTTPServer):
 
     @contextmanager
     def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
-        if self.stopping.is_set():
-            raise ApiError(503, "The server is shutting down.", code="shutting_down")
         process = ClaudeProcess(self.config, settings)
         with self._processes_lock:
             self._processes.add(process)
         try:
+            if self.stopping.is_set():  # checked after adding: drain_and_close sees it, or we do
+                raise ApiError(503, "The server is shutting down.", code="shutting_down")
             yield process
         finally:
             process.close()
@@ -1084,6 +1110,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     sse_started = False
     request_id = "-"
     status = 0
+    headers = None
+    body_read = False
 
     # ── dispatch ──
     def do_GET(self):
@@ -1093,7 +1121,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def handle_method(self):
         self.started = time.monotonic()
-        self.sse_started = False
+        self.sse_started = self.body_read = False
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
         self.status = 0
@@ -1133,7 +1161,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has "
                                 "/v1/chat/completions, /v1/models and /health.", code="unknown_route")
         if self.command != ROUTES[key]:
-            raise ApiError(405, f"{self.command} is not allowed on {path}; use {ROUTES[key]}.",
+            raise ApiError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; "
+                                f"use {ROUTES[key]}.",
                            code="method_not_allowed", headers=[("Allow", ROUTES[key])])
         if path == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
@@ -1170,38 +1199,44 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            headers=[("WWW-Authenticate", "Bearer")])
 
     def read_json(self) -> object:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        declared = self.headers.get("Content-Length")
+        if declared is None:
             self.close_connection = True
-            raise ApiError(411, "Send the body with a Content-Length header; chunked request bodies "
-                                "are not supported.", code="length_required")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
+            raise ApiError(411, "Send the JSON body with a Content-Length header (chunked request "
+                                "bodies are not supported).", code="length_required")
+        length = int(declared) if declared.strip().isdigit() else -1
         if length < 0:
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header.", code="invalid_request")
         if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body must not be parsed as the next request
+            self.close_connection = True
             raise ApiError(413, f"The request body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
                            code="request_too_large")
         raw = self.rfile.read(length)
+        self.body_read = True
         try:
             return json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        except (ValueError, RecursionError) as exc:
+            detail = exc if isinstance(exc, ValueError) else "nested too deeply"
+            raise ApiError(400, f"The request body is not valid JSON: {detail}.", code="invalid_json") from None
 
     def client_gone(self) -> bool:
+        # poll(), not select(): select() fails on descriptors above 1023.
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            if not poller.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""  # readable and empty: closed
+        except OSError:
             return True
 
     # ── chat completions ──
     def chat_completions(self):
-        request = parse_chat_request(self.read_json())
-        self.log_model = request.model
+        body = self.read_json()
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
+        request = parse_chat_request(body)
         reply = Reply(request.model, include_usage=request.include_usage)
         with self.server.gate.slot():
             deadline = time.monotonic() + self.server.config.timeout
@@ -1268,14 +1303,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
-        origin = self.headers.get("Origin") if self.headers else None  # None: bad request line
+        origin = self.headers.get("Origin") if self.headers is not None else None  # None: bad request line
         if origin and self.cors_allows(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
                         ("Access-Control-Expose-Headers", "x-request-id, retry-after")]
         return headers
 
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        data = json_bytes(body)
         self.status = status
         try:
             self.send_response(status)
@@ -1299,6 +1334,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except ClientGone:
                 self.close_connection = True
             return
+        if not self.body_read and self.headers is not None and (
+                self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers):
+            self.close_connection = True  # its unread body must not be taken for the next request
         try:
             self.send_json(err.status, err.body(), err.headers)
         except ClientGone:
@@ -1307,7 +1345,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, unknown method) in OpenAI's envelope."""
         self.close_connection = True
-        self.send_api_error(ApiError(code, message or explain or "Bad request.", code="bad_request"))
+        self.request_id = uuid.uuid4().hex
+        if code == 501:  # a method we have no do_* for
+            err = ApiError(405, f"{self.command} is not supported; use GET or POST.",
+                           code="method_not_allowed", headers=[("Allow", "GET, POST, OPTIONS")])
+        else:
+            err = ApiError(code, message or explain or "Bad request.", code="bad_request")
+        self.send_api_error(err)
 
     def send_preflight(self):
         origin = self.headers.get("Origin")
@@ -1333,7 +1377,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def write_sse(self, body: object):
-        self.write_chunk(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode("utf-8"))
+        self.write_chunk(b"data: " + json_bytes(body) + b"\n\n")
 
     def end_sse(self):
         self.write_chunk(b"data: [DONE]\n\n")

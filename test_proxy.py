@@ -127,6 +127,7 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.posted = threading.Event()
         self.release = threading.Event()
         self.finished = threading.Event()
+        self.hung_up = threading.Event()  # the CLI closed the connection before the reply ended
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -175,7 +176,7 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         try:
             respond(self, body)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the CLI hung up: what an interrupt looks like from here
+            self.server.hung_up.set()  # what an interrupt looks like from here
 
 
 def user_texts(body: dict) -> list:
@@ -305,20 +306,285 @@ def upstream(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def start_proxy(upstream, real_cli):
-    servers = []
-
-    def start(**options):
-        options.setdefault("claude", real_cli)
-        server = cmp.ProxyServer(Config(port=0, **options), "2.1.329")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return Client(server)
-    yield start
-    upstream.release.set()
-    for server in servers:
+def servers():
+    started = []
+    yield started
+    for server in started:
         server.shutdown()
         server.drain_and_close()
+
+
+def serve(servers: list, **options) -> Client:
+    server = cmp.ProxyServer(Config(port=0, **options), "2.1.329")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers.append(server)
+    return Client(server)
+
+
+@pytest.fixture
+def start_real_proxy(upstream, real_cli, servers):
+    yield lambda **options: serve(servers, **{"claude": real_cli, **options})
+    upstream.release.set()  # before the servers stop, so none waits out its grace period
+
+
+@pytest.fixture
+def real_client(start_real_proxy):
+    return start_real_proxy()
+
+
+# The fake `claude`: it speaks stream-json like the real CLI 2.1.329 (its lines
+# are modelled on ../shared/claude-cli/fixtures), plays the scenario named in
+# FAKE_CLAUDE_SCENARIO, and appends what it receives to FAKE_CLAUDE_LOG.
+FAKE_CLAUDE = r'''
+import json, os, sys, time
+
+if "--version" in sys.argv:
+    print("2.1.329 (Claude Code)")
+    sys.exit(0)
+SCENARIO = os.environ["FAKE_CLAUDE_SCENARIO"]
+if SCENARIO == "crash":
+    sys.stderr.write("fatal: out of cheese\n")
+    sys.exit(3)
+received = []
+
+
+def log(entry):
+    with open(os.environ["FAKE_CLAUDE_LOG"], "a") as f:
+        f.write(json.dumps(dict(entry, pid=os.getpid())) + "\n")
+
+
+def emit(line):
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def event(e, **extra):
+    emit({"type": "stream_event", "event": e, "session_id": "s", **extra})
+
+
+def message_start(usage=None):
+    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [], "model": "claude-sonnet-5-5"})
+    event({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
+           "content": [], "usage": usage or {"input_tokens": 10, "output_tokens": 1}}})
+
+
+def block(kind="text", index=0):
+    event({"type": "content_block_start", "index": index, "content_block": {"type": kind, kind: ""}})
+
+
+def deltas(*texts, kind="text", index=0):
+    for text in texts:
+        event({"type": "content_block_delta", "index": index, "delta": {"type": kind + "_delta", kind: text}})
+
+
+def end(stop_reason="end_turn", output_tokens=5):
+    event({"type": "content_block_stop", "index": 0})
+    event({"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": output_tokens}})
+    event({"type": "message_stop"})
+
+
+def result(text, usage=None):
+    emit({"type": "result", "subtype": "success", "is_error": False, "result": text, "stop_reason": "end_turn",
+          "terminal_reason": "completed", "num_turns": 1,
+          "usage": usage or {"input_tokens": 10, "output_tokens": 5, "output_tokens_details": {"thinking_tokens": 0}}})
+
+
+def api_error(message, error, status=None, terminal="api_error"):
+    emit({"type": "assistant", "message": {"id": "synthetic", "model": "<synthetic>", "role": "assistant",
+          "content": [{"type": "text", "text": message}]}, "error": error, "is_api_error_message": True})
+    emit({"type": "result", "subtype": "success", "is_error": True, "result": message, "api_error_status": status,
+          "terminal_reason": terminal, "stop_reason": "stop_sequence", "usage": {"input_tokens": 0, "output_tokens": 0}})
+
+
+def dropped(*texts):
+    message_start()
+    block()
+    deltas(*texts)
+    event({"type": "content_block_stop", "index": 0})
+    event({"type": "message_stop"}, abandoned_blocks={"api_message_id": "msg_fake", "from_block_index": 0})
+
+
+def next_line():
+    line = sys.stdin.readline()
+    if line:
+        received.append(json.loads(line))
+        log({"stdin": received[-1]})
+    return received[-1] if line else None
+
+
+def interrupted():
+    """Read stdin until the proxy's interrupt (True) or its end (False)."""
+    while True:
+        line = next_line()
+        if line is None:
+            return False
+        if line.get("type") == "control_request" and line["request"]["subtype"] == "interrupt":
+            emit({"type": "control_response", "response": {"subtype": "success", "request_id": line["request_id"],
+                  "response": {"still_queued": []}}})
+            emit({"type": "user", "message": {"role": "user", "content": [
+                {"type": "text", "text": "[Request interrupted by user]"}]}})
+            event({"type": "message_delta", "delta": {"stop_reason": None}})
+            event({"type": "message_stop"}, abandoned_blocks={"api_message_id": "msg_fake", "from_block_index": 1})
+            emit({"type": "result", "subtype": "error_during_execution", "is_error": True,
+                  "terminal_reason": "aborted_streaming", "usage": {"input_tokens": 0, "output_tokens": 0}})
+            return True
+
+
+def wait_for_release():
+    while not os.path.exists(os.environ["FAKE_CLAUDE_RELEASE"]):
+        time.sleep(0.01)
+
+
+def answer():
+    if SCENARIO == "text":
+        usage = {"input_tokens": 12, "output_tokens": 3, "cache_read_input_tokens": 100,
+                 "cache_creation_input_tokens": 20, "output_tokens_details": {"thinking_tokens": 0}}
+        message_start(usage)
+        block()
+        deltas("Hello ", "world")
+        end(output_tokens=3)
+        result("Hello world", usage)
+    elif SCENARIO == "thinking":
+        message_start()
+        block("thinking")
+        deltas("Let me think. ", kind="thinking")
+        event({"type": "content_block_stop", "index": 0})
+        block(index=1)
+        deltas("Hel", "lo", index=1)
+        end()
+        result("Hello")
+    elif SCENARIO == "echo":  # answer with what the CLI was given
+        text = json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "cwd_files": os.listdir("."),
+                           "env": dict(os.environ), "stdin": received})
+        message_start()
+        block()
+        deltas(text)
+        end()
+        result(text)
+    elif SCENARIO == "hold":  # silent until the test releases it
+        message_start()
+        block()
+        wait_for_release()
+        deltas("late")
+        end()
+        result("late")
+    elif SCENARIO == "hang":  # never answers
+        message_start()
+        while next_line() is not None:
+            pass
+    elif SCENARIO == "stop":
+        message_start()
+        block()
+        deltas("one ", "two ", "STOP")
+        if not interrupted():
+            deltas(" three")
+            end()
+            result("one two STOP three")
+    elif SCENARIO == "max_tokens":  # the CLI goes on with a "continue" call unless interrupted
+        message_start()
+        block()
+        deltas("trun", "cated")
+        end("max_tokens")
+        if not interrupted():
+            dropped("truncated again")
+            api_error("API Error: Claude's response exceeded the 3 output token maximum.", "max_output_tokens")
+    elif SCENARIO == "drop_then_same":
+        dropped("Hello ")
+        message_start()
+        block()
+        deltas("Hello ", "world")
+        end()
+        result("Hello world")
+    elif SCENARIO == "drop_then_different":  # the retry is the CLI's non-streaming fallback
+        dropped("Partial ")
+        emit({"type": "assistant", "message": {"id": "msg_2", "model": "claude-sonnet-5-5", "role": "assistant",
+              "content": [{"type": "text", "text": "Something else"}]}})
+        result("Something else")
+    elif SCENARIO == "garbage":
+        print("Segmentation fault?", flush=True)
+    elif SCENARIO == "rate_limit":
+        emit({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": time.time() + 120}})
+        api_error("API Error: Request rejected (429) · slow down", "rate_limit", 429)
+    else:
+        api_error(*ERRORS[SCENARIO])
+
+
+ERRORS = {  # as in fixtures/errors/*.stdout.jsonl and 50, 56
+    "not_logged_in": ("Not logged in · Please run /login", "authentication_failed"),
+    "invalid_login": ("Invalid API key · Fix external API key", "authentication_failed", 401),
+    "overloaded": ("API Error: Repeated 529 Overloaded errors.", "server_error", 529),
+    "prompt_too_long": ("Prompt is too long", "invalid_request", None, "blocking_limit"),
+    "request_too_large": ("Request too large (max 32MB).", "invalid_request", 413, "image_error"),
+    "model_not_found": ("There's an issue with the selected model (claude-nope).", "model_not_found", 404),
+    "bad_request": ("API Error: 400 messages: text content blocks must be non-empty", "unknown", 400),
+    "forbidden": ("Failed to authenticate. API Error: 403 no permission", "authentication_failed", 403),
+    "server_error": ("API Error: 500 Internal server error.", "server_error", 500),
+}
+
+log({"argv": sys.argv[1:]})
+while True:
+    line = next_line()
+    if line is None:
+        break
+    if line["type"] == "control_request":
+        emit({"type": "control_response", "response": {"subtype": "success", "request_id": line["request_id"],
+              "response": {}}})
+    elif line["type"] == "user" and line.get("shouldQuery") is False:
+        emit({"type": "system", "subtype": "init", "cwd": os.getcwd()})
+        log({"emitted": "history result"})
+        emit({"type": "result", "subtype": "success", "is_error": False, "result": "", "num_turns": 0,
+              "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}})
+    elif line["type"] == "user":
+        answer()
+'''
+
+
+class FakeClaude:
+    """The fake `claude` of the fast tests, and what it saw."""
+
+    def __init__(self, path, tmp_path, monkeypatch):
+        self.path = path
+        self.log_path = tmp_path / "fake-claude.log"
+        self.release_path = tmp_path / "fake-claude.release"
+        self.monkeypatch = monkeypatch
+        monkeypatch.setenv("FAKE_CLAUDE_LOG", str(self.log_path))
+        monkeypatch.setenv("FAKE_CLAUDE_RELEASE", str(self.release_path))
+        self.play("text")
+
+    def play(self, scenario):
+        self.monkeypatch.setenv("FAKE_CLAUDE_SCENARIO", scenario)
+
+    def release(self):
+        self.release_path.touch()
+
+    def log(self) -> list:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def stdin(self) -> list:
+        return [entry["stdin"] for entry in self.log() if "stdin" in entry]
+
+
+@pytest.fixture(scope="session")
+def fake_claude_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bin") / "claude"
+    path.write_text(f"#!{sys.executable}\n{FAKE_CLAUDE}")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def fake(fake_claude_path, tmp_path, monkeypatch):
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return FakeClaude(fake_claude_path, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def start_proxy(fake, servers):
+    yield lambda **options: serve(servers, **{"claude": fake.path, **options})
+    fake.release()  # before the servers stop, so none waits out its grace period
 
 
 @pytest.fixture
@@ -326,13 +592,10 @@ def client(start_proxy):
     return start_proxy()
 
 
-def fake_cli(tmp_path, script: str) -> str:
-    """A stand-in `claude` for failures the real CLI cannot be made to show."""
-    path = tmp_path / "claude"
-    path.write_text(f"#!{sys.executable}\nimport sys\n"
-                    "if '--version' in sys.argv:\n    print('9.9.9 (Claude Code)'); sys.exit(0)\n" + script)
-    path.chmod(0o755)
-    return str(path)
+def echo(reply: Response) -> dict:
+    """What the fake CLI was given, from its `echo` answer."""
+    assert reply.status == 200, reply.text
+    return json.loads(reply.json()["choices"][0]["message"]["content"])
 
 
 # ── 1. Configuration ────────────────────────────────────────────────────────
@@ -445,7 +708,8 @@ def test_parse_chat_request_rejects_with_a_400_naming_the_field(body, param):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("data:image/png;base64,@@@", "invalid base64"),
+    ("data:image/png;base64,@@@", "no valid base64"),
+    ("data:image/png;base64,", "no valid base64"),
     ("data:application/pdf;base64,AAAA", "application/pdf"),
     ("ftp://example.com/cat.png", "http(s) URL or a base64 data URL"),
 ])
@@ -714,258 +978,208 @@ def test_chunks_share_id_created_and_model():
     assert chunks[2]["choices"] == [] and chunks[2]["usage"]["total_tokens"] == 0
 
 
-# ── 8. The HTTP server (real CLI, fake upstream) ────────────────────────────
+# ── 8. The HTTP server, with the fake `claude` (fast) ───────────────────────
 
-def test_completion(client, upstream):
-    upstream.default = answer("Paris.", usage={"input_tokens": 12, "output_tokens": 3,
-                                               "cache_read_input_tokens": 100,
-                                               "cache_creation_input_tokens": 20})
-    reply = client.chat(model="openai/claude-opus-4", messages=[{"role": "user", "content": "Capital of France?"}])
+def test_completion(client):
+    reply = client.chat(model="openai/claude-opus-4")
     assert reply.status == 200
     body = reply.json()
     assert body["object"] == "chat.completion" and body["model"] == "openai/claude-opus-4"
-    assert body["choices"][0]["message"]["content"] == "Paris."
-    assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"]["prompt_tokens"] == 132 and body["usage"]["completion_tokens"] == 3
-    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 100}
-    assert upstream.last["model"] == "claude-opus-5-5"
-    assert user_texts(upstream.last) == [["Capital of France?"]]
+    assert body["id"].startswith("chatcmpl-") and isinstance(body["created"], int)
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world",
+                                                        "refusal": None},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 132, "completion_tokens": 3, "total_tokens": 135,
+                             "prompt_tokens_details": {"cached_tokens": 100},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
-def test_stream(client, upstream):
-    upstream.default = answer(pieces=["Hel", "lo"], thinking="Hmm.")
+def test_stream(client, fake):
+    fake.play("thinking")
     reply, frames = client.stream(stream_options={"include_usage": True},
                                   headers={"Accept": "application/json"})  # as the JS SDK sends
     assert reply.status == 200 and reply.getheader("Content-Type").startswith("text/event-stream")
+    assert reply.getheader("Transfer-Encoding") == "chunked"
     chunks = [f for f in frames if isinstance(f, dict)]
-    assert frames[-1] == "[DONE]"
-    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert frames[-1] == "[DONE]" and len(chunks) == len(frames) - 1
+    assert len({(c["id"], c["created"], c["model"], c["object"]) for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert sum("role" in c["choices"][0]["delta"] for c in chunks if c["choices"]) == 1
     assert [c["choices"][0]["delta"] for c in chunks[1:4]] == [
-        {"reasoning_content": "Hmm."}, {"content": "Hel"}, {"content": "lo"}]
-    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]].count("stop") == 1
+        {"reasoning_content": "Let me think. "}, {"content": "Hel"}, {"content": "lo"}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * 4 + ["stop"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client):
     _, frames = client.stream()
-    assert all(f["choices"] for f in frames if isinstance(f, dict))
-    assert content_of(frames) == "Hello from fake upstream."
+    assert all(f["choices"] and "usage" not in f for f in frames if isinstance(f, dict))
+    assert content_of(frames) == "Hello world"
 
 
-def test_text_is_forwarded_as_it_arrives(client, upstream):
-    upstream.default = answer(pieces=["first ", "second"], hold_after=1)
-    _, frames = client.open_stream()
-    first_content = next(f for f in frames if isinstance(f, dict) and f["choices"][0]["delta"].get("content"))
-    assert first_content["choices"][0]["delta"]["content"] == "first "
-    assert not upstream.finished.is_set()  # the upstream is still holding "second"
-    upstream.release.set()
-    assert content_of(frames) == "second"
-
-
-def test_reasoning_content_in_a_completion(client, upstream):
-    upstream.default = answer("42", thinking="6 times 7.")
+def test_reasoning_content_in_a_completion(client, fake):
+    fake.play("thinking")
     message = client.chat().json()["choices"][0]["message"]
-    assert (message["content"], message["reasoning_content"]) == ("42", "6 times 7.")
+    assert (message["content"], message["reasoning_content"]) == ("Hello", "Let me think. ")
 
 
-def test_system_prompt_is_the_clis_system_prompt_not_user_text(client, upstream):
-    client.chat(messages=[{"role": "system", "content": "SYSTEM-MARKER"},
-                          {"role": "developer", "content": "DEVELOPER-MARKER"}, USER])
-    system_text = json.dumps(upstream.last["system"])
-    assert "SYSTEM-MARKER\\n\\nDEVELOPER-MARKER" in system_text
-    assert "MARKER" not in json.dumps(upstream.last["messages"])
-
-
-def test_conversation_reaches_upstream_as_real_turns(client, upstream):
-    reply = client.chat(messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                                  {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"},
-                                  {"role": "user", "content": "Q3"}])
-    assert reply.status == 200 and len(upstream.posts) == 1
-    turns = [(m["role"], m["content"]) for m in upstream.last["messages"] if m["role"] != "system"]
-    assert [role for role, _ in turns] == ["user", "assistant", "user", "assistant", "user"]
-    assert user_texts(upstream.last) == [["Q1"], ["Q2"], ["Q3"]]
-    assert [c[0]["text"] for r, c in turns if r == "assistant"] == ["A1", "A2"]
-
-
-def test_consecutive_user_messages_reach_upstream_as_one_turn(client, upstream):
-    client.chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "prompt"},
-                          {"role": "user", "content": [{"type": "text", "text": "internal context"}]}])
-    assert user_texts(upstream.last) == [["prompt", "internal context"]]
-
-
-def test_images_reach_upstream(client, upstream):
-    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-    reply = client.chat(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}])
-    assert reply.status == 200
-    blocks = upstream.last["messages"][0]["content"]
-    sources = [b["source"] for b in blocks if b["type"] == "image"]
-    assert sources == [{"type": "base64", "media_type": "image/png", "data": png},
-                       {"type": "url", "url": "https://example.com/cat.jpg"}]
-
-
-@pytest.mark.parametrize("prompt", ["--help", "-x", "/cost", "/foo bar", "/usr/bin/env is broken",
-                                    pytest.param("x" * 300_000, id="300KB")])
-def test_prompts_arrive_intact_whatever_they_look_like(client, upstream, prompt):
-    reply = client.chat(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"},
-                                  {"role": "user", "content": prompt}])
-    assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "Hello from fake upstream."
-    assert ["".join(texts) for texts in user_texts(upstream.last)] == [prompt, prompt]
-    assert "slash command" not in json.dumps(upstream.last["messages"])
-
-
-def test_cli_has_no_tools_no_project_files_and_saves_nothing(client, upstream, tmp_path, monkeypatch):
-    (tmp_path / "CLAUDE.md").write_text("PROJECT-MEMORY-MARKER")
+def test_what_the_cli_is_started_with(client, fake, monkeypatch, tmp_path):
+    fake.play("echo")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-billed")
     monkeypatch.chdir(tmp_path)
-    assert client.chat().status == 200
-    body = json.dumps(upstream.last)
-    assert upstream.last["tools"] == []
-    assert "PROJECT-MEMORY-MARKER" not in body and str(tmp_path) + "\\n" not in body
-    projects = Path(os.environ["HOME"]) / ".claude" / "projects"
-    assert not list(projects.rglob("*.jsonl")) if projects.exists() else True
+    seen = echo(client.chat(model="claude-opus-4", max_tokens=77, reasoning_effort="high",
+                            messages=[{"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+                                      {"role": "user", "content": "PROMPT-MARKER"}]))
+    assert "PROMPT-MARKER" not in json.dumps(seen["argv"]) and "S1" not in json.dumps(seen["argv"])
+    assert seen["argv"][-2:] == ["--model=opus", "--effort=high"] and "--tools=" in seen["argv"]
+    assert seen["stdin"][0] == {"type": "control_request", "request_id": "init",
+                                "request": {"subtype": "initialize", "systemPrompt": "S1\n\nS2"}}
+    assert seen["stdin"][1] == {"type": "user", "message": {"role": "user", "content": [
+        {"type": "text", "text": "PROMPT-MARKER"}]}}
+    assert (seen["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], seen["env"]["CLAUDE_CODE_MAX_RETRIES"]) == ("77", "2")
+    assert "ANTHROPIC_API_KEY" not in seen["env"]
+    assert seen["cwd"] != str(tmp_path) and seen["cwd_files"] == []
 
 
-def test_max_tokens_effort_and_no_thinking_reach_upstream(client, upstream):
-    client.chat(max_completion_tokens=77, reasoning_effort="high")
-    assert upstream.last["max_tokens"] == 77 and upstream.last["output_config"]["effort"] == "high"
-    assert "thinking" in upstream.last
-    client.chat(reasoning_effort="none")
-    assert "thinking" not in upstream.last
+def test_history_is_seeded_turn_by_turn(client, fake):
+    fake.play("echo")
+    seen = echo(client.chat(messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                                      {"role": "user", "content": "Q2"}, {"role": "user", "content": "Q2b"},
+                                      {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q3"}]))
+    lines = [(line["type"], line.get("shouldQuery"), [b["text"] for b in line["message"]["content"]])
+             for line in seen["stdin"][1:]]
+    assert lines == [("user", False, ["Q1"]), ("assistant", None, ["A1"]), ("user", False, ["Q2", "Q2b"]),
+                     ("assistant", None, ["A2"]), ("user", None, ["Q3"])]
+    # Each assistant line was written only after the history turn before it had finished.
+    order = [e.get("emitted") or e["stdin"]["type"] for e in fake.log() if "emitted" in e or "stdin" in e]
+    assert order == ["control_request", "user", "history result", "assistant", "user", "history result",
+                     "assistant", "user"]
+
+
+def test_text_starting_with_a_slash_is_not_a_cli_command(client, fake):
+    fake.play("echo")
+    seen = echo(client.chat(messages=[{"role": "user", "content": "/cost"}]))
+    assert seen["stdin"][1]["message"]["content"] == [{"type": "text", "text": "/"}, {"type": "text", "text": "cost"}]
+
+
+def test_lone_surrogates_reach_the_cli_escaped(client, fake):
+    fake.play("echo")
+    raw = b'{"model": "sonnet", "messages": [{"role": "user", "content": "half an emoji \\ud83d"}]}'
+    seen = echo(client.call("POST", "/v1/chat/completions", raw=raw))
+    assert seen["stdin"][1]["message"]["content"][0]["text"] == "half an emoji \ud83d"
+
+
+@pytest.mark.parametrize("scenario, status, code", [
+    ("rate_limit", 429, "rate_limit_exceeded"),
+    ("not_logged_in", 503, "claude_not_logged_in"),
+    ("invalid_login", 503, "claude_not_logged_in"),
+    ("overloaded", 503, "overloaded"),
+    ("prompt_too_long", 400, "context_length_exceeded"),
+    ("request_too_large", 413, "request_too_large"),
+    ("model_not_found", 404, "model_not_found"),
+    ("bad_request", 400, "invalid_request"),
+    ("forbidden", 403, "permission_denied"),
+    ("server_error", 502, "upstream_error"),
+    ("garbage", 502, "cli_bad_output"),
+    ("crash", 502, "cli_failed"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_claude_failures_become_http_errors(client, fake, scenario, status, code, stream):
+    fake.play(scenario)
+    reply = client.chat(stream=stream)  # nothing was sent yet, so a stream can still fail with a status
+    assert (reply.status, reply.error["code"]) == (status, code)
+
+
+def test_rate_limit_retry_after_is_the_windows_reset(client, fake):
+    fake.play("rate_limit")
+    reply = client.chat()
+    assert reply.status == 429 and 110 <= int(reply.headers["retry-after"]) <= 120
+    assert "slow down" in reply.error["message"]
+
+
+def test_overloaded_has_retry_after(client, fake):
+    fake.play("overloaded")
+    assert client.chat().headers["retry-after"] == str(cmp.OVERLOADED_RETRY_SECONDS)
+
+
+def test_not_logged_in_says_to_run_claude_and_log_in(client, fake):
+    fake.play("not_logged_in")
+    message = client.chat().error["message"]
+    assert "run `claude`" in message and "log in" in message
+
+
+def test_cli_dying_is_502_with_its_last_words(client, fake):
+    fake.play("crash")
+    message = client.chat().error["message"]
+    assert "status 3" in message and "out of cheese" in message
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_max_tokens_ends_the_reply_with_length_and_no_continuation(client, upstream, stream):
-    upstream.default = answer(pieces=["trun", "cated"], stop_reason="max_tokens")
+def test_a_restarted_stream_is_not_duplicated(client, fake, stream):
+    fake.play("drop_then_same")
     if stream:
-        _, frames = client.stream(max_tokens=3)
-        text = content_of(frames)
-        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+        text = content_of(client.stream()[1])
     else:
-        choice = client.chat(max_tokens=3).json()["choices"][0]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
-    assert (text, finish) == ("truncated", "length")
+        text = client.chat().json()["choices"][0]["message"]["content"]
+    assert text == "Hello world"
+
+
+def test_a_different_retry_ends_a_begun_stream_with_an_error_event(client, fake):
+    fake.play("drop_then_different")
+    reply, frames = client.stream()
+    assert reply.status == 200 and content_of(frames) == "Partial "
+    assert frames[-2]["error"]["code"] == "upstream_stream_restarted" and frames[-1] == "[DONE]"
+    assert client.chat().json()["choices"][0]["message"]["content"] == "Something else"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_sequence_ends_the_text_and_stops_claude(client, upstream, stream):
-    upstream.default = answer(pieces=["one ", "two ", "STOP", " three"], hold_after=3)
+def test_stop_sequence_ends_the_text_and_interrupts_the_cli(client, fake, stream):
+    fake.play("stop")
     if stream:
-        _, frames = client.stream(stop=["STOP"])
+        frames = client.stream(stop=["STOP"])[1]
         text = content_of(frames)
         finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
     else:
         choice = client.chat(stop="STOP").json()["choices"][0]
         text, finish = choice["message"]["content"], choice["finish_reason"]
     assert (text, finish) == ("one two ", "stop")
-    # The CLI is gone while the upstream still holds " three": Claude was stopped.
-    assert wait_until(lambda: client.server.live_processes() == [])
-    assert not upstream.finished.is_set()
+    assert {"type": "control_request", "request_id": "stop", "request": {"subtype": "interrupt"}} in fake.stdin()
 
 
-def test_subscription_is_used_even_with_an_api_key_in_the_environment(start_proxy, upstream, monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-billed")
-    start_proxy().chat()
-    assert "x-api-key" not in upstream.posts[-1]["headers"]
-    assert upstream.posts[-1]["headers"]["authorization"] == "Bearer test"
-    start_proxy(use_api_key=True).chat()
-    assert upstream.posts[-1]["headers"]["x-api-key"] == "sk-ant-billed"
+def test_max_tokens_ends_with_length_and_stops_the_clis_continuation(client, fake):
+    fake.play("max_tokens")
+    choice = client.chat(max_tokens=3).json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("truncated", "length")
+    assert any(line["type"] == "control_request" and line["request"]["subtype"] == "interrupt"
+               for line in fake.stdin())
 
 
-def test_cli_retries_are_bounded(start_proxy, upstream):
-    upstream.default = fail(500, "api_error", "Internal server error")
-    reply = start_proxy(max_retries=1).chat()
-    assert (reply.status, reply.error["code"]) == (502, "upstream_error")
-    assert len(upstream.posts) == 2
-
-
-def test_rate_limit_is_429_with_retry_after(start_proxy, upstream):
-    upstream.default = fail(429, "rate_limit_error", "Number of request tokens has exceeded your limit",
-                            [("retry-after", "1")])
-    reply = start_proxy(max_retries=0).chat()
-    assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
-    assert reply.error["type"] == "rate_limit_error" and "exceeded your limit" in reply.error["message"]
-
-
-def test_overloaded_is_503_with_retry_after(start_proxy, upstream):
-    upstream.default = fail(529, "overloaded_error", "Overloaded")
-    reply = start_proxy(max_retries=0).chat()
-    assert (reply.status, reply.error["code"]) == (503, "overloaded") and "retry-after" in reply.headers
-
-
-def test_not_logged_in_is_503_saying_how_to_log_in(client, upstream, monkeypatch):
-    monkeypatch.delenv("CLAUDE_CODE_OAUTH_TOKEN")
-    reply = client.chat()
-    assert reply.status == 503 and "log in" in reply.error["message"]
-    assert upstream.posts == []
-
-
-def test_upstream_bad_request_is_400(start_proxy, upstream):
-    upstream.default = fail(400, "invalid_request_error", "messages.0: something is off")
-    reply = start_proxy(max_retries=0).chat()
-    assert reply.status == 400 and "something is off" in reply.error["message"]
-
-
-def test_prompt_too_long_is_400(client, upstream):
-    reply = client.chat(messages=[{"role": "user", "content": "word " * 700_000}])
-    assert (reply.status, reply.error["code"]) == (400, "context_length_exceeded")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_dropped_stream_that_claude_retries_is_not_duplicated(start_proxy, upstream, stream):
-    upstream.script = [drop(["Hello "])]
-    upstream.default = answer("Hello world")
-    proxy = start_proxy(max_retries=0)
-    if stream:
-        _, frames = proxy.open_stream()
-        assert content_of([next(frames), next(frames)]) == "Hello "  # the role chunk, then "Hello "
-        upstream.release.set()
-        text = "Hello " + content_of(frames)
-    else:
-        upstream.release.set()
-        text = proxy.chat().json()["choices"][0]["message"]["content"]
-    assert text == "Hello world" and len(upstream.posts) == 2
-
-
-def test_an_error_after_the_stream_began_is_an_error_event_then_done(start_proxy, upstream):
-    upstream.script = [drop(["Partial "])]
-    upstream.default = answer("Something else")
-    reply, frames = start_proxy(max_retries=0).open_stream()
-    assert content_of([next(frames), next(frames)]) == "Partial "
-    upstream.release.set()
-    rest = list(frames)
-    assert reply.status == 200 and content_of(rest) == ""
-    assert rest[-2]["error"]["code"] == "upstream_stream_restarted" and rest[-1] == "[DONE]"
-
-
-def test_keep_alive_comments_while_claude_is_silent(client, upstream, monkeypatch):
-    monkeypatch.setattr(cmp, "KEEPALIVE_SECONDS", 0.3)
-    upstream.default = answer(pieces=["late"], hold_after=0)
-    reply, frames = client.open_stream()
-    assert next(frames) == ": keep-alive" or next(frames) == ": keep-alive"
-    upstream.release.set()
+def test_keep_alive_comments_while_claude_is_silent(client, fake, monkeypatch):
+    monkeypatch.setattr(cmp, "KEEPALIVE_SECONDS", 0.2)
+    fake.play("hold")
+    _, frames = client.open_stream()
+    assert next(frames)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert next(frames) == ": keep-alive"
+    fake.release()
     assert content_of(frames) == "late"
 
 
-def test_request_timeout_is_504_and_stops_the_cli(start_proxy, upstream):
-    upstream.default = stall
-    proxy = start_proxy(timeout=1)
+def test_request_timeout_is_504_and_stops_the_cli(start_proxy, fake):
+    fake.play("hang")
+    proxy = start_proxy(timeout=0.5)
     reply = proxy.chat()
     assert (reply.status, reply.error["code"]) == (504, "timeout")
-    assert proxy.server.live_processes() == []
+    assert wait_until(lambda: proxy.server.live_processes() == [])
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_client_that_disconnects_gets_its_cli_stopped_within_a_second(client, upstream, stream):
-    upstream.default = stall
+def test_a_client_that_disconnects_gets_its_cli_stopped_within_a_second(client, fake, stream):
+    fake.play("hang")
     conn = client.connect()
     conn.request("POST", "/v1/chat/completions",
                  json.dumps({"model": "claude-sonnet-4", "messages": [USER], "stream": stream}),
                  {"Content-Type": "application/json"})
-    assert upstream.posted.wait(10)
+    assert wait_until(lambda: len(client.server.live_processes()) == 1)
     [process] = client.server.live_processes()
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
@@ -975,39 +1189,36 @@ def test_a_client_that_disconnects_gets_its_cli_stopped_within_a_second(client, 
     assert wait_until(lambda: client.server.live_processes() == [])
 
 
-def test_cli_printing_garbage_is_502(start_proxy, tmp_path):
-    claude = fake_cli(tmp_path, "print('Segmentation fault?', flush=True)\nsys.stdin.read()\n")
-    reply = start_proxy(claude=claude).chat()
-    assert (reply.status, reply.error["code"]) == (502, "cli_bad_output")
-
-
-def test_cli_dying_is_502_with_its_last_words(start_proxy, tmp_path):
-    claude = fake_cli(tmp_path, "sys.stderr.write('fatal: out of cheese\\n'); sys.exit(3)\n")
-    reply = start_proxy(claude=claude).chat()
-    assert reply.status == 502 and "status 3" in reply.error["message"]
-    assert "out of cheese" in reply.error["message"]
-
-
-def test_busy_server_queues_briefly_then_answers_429(start_proxy, upstream, monkeypatch):
+def test_busy_server_queues_briefly_then_answers_429(start_proxy, fake, monkeypatch):
     monkeypatch.setattr(cmp, "QUEUE_LENGTH", 1)
     monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 30)
-    upstream.default = answer("slow", hold_after=0)
+    fake.play("hold")
     proxy = start_proxy(max_concurrency=1)
     replies = []
     first = threading.Thread(target=lambda: replies.append(proxy.chat()))
     first.start()
-    assert upstream.posted.wait(10)
+    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
     second = threading.Thread(target=lambda: replies.append(proxy.chat()))
     second.start()
     assert wait_until(lambda: proxy.call("GET", "/health").json()["queued"] == 1)
     health = proxy.call("GET", "/health").json()
     assert (health["in_flight"], health["queued"]) == (1, 1)
     third = proxy.chat()
-    assert third.status == 429 and third.headers["retry-after"] == str(cmp.BUSY_RETRY_SECONDS)
-    upstream.release.set()
+    assert (third.status, third.error["code"]) == (429, "server_busy")
+    assert third.headers["retry-after"] == str(cmp.BUSY_RETRY_SECONDS)
+    fake.release()
     first.join(20)
     second.join(20)
     assert [r.status for r in replies] == [200, 200]
+
+
+def test_queued_request_gives_up_with_429(start_proxy, fake, monkeypatch):
+    monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 0.2)
+    fake.play("hold")
+    proxy = start_proxy(max_concurrency=1)
+    threading.Thread(target=proxy.chat, daemon=True).start()
+    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
+    assert proxy.chat().status == 429
 
 
 def test_health(client):
@@ -1034,11 +1245,14 @@ def test_routes_work_without_the_v1_prefix(client):
 
 @pytest.mark.parametrize("method, path, body, raw, status, code", [
     ("POST", "/v1/chat/completions", None, b"{not json", 400, "invalid_json"),
+    ("POST", "/v1/chat/completions", None, b"[" * 100_000, 400, "invalid_json"),
     ("POST", "/v1/chat/completions", [1, 2], None, 400, None),
     ("POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": [USER]}, None, 404, "model_not_found"),
+    ("POST", "/v1/chat/completions", None, b'{"model": "gpt\\udfff", "messages": []}', 404, "model_not_found"),
     ("GET", "/v1/nothing-here", None, None, 404, "unknown_route"),
     ("GET", "/v1/chat/completions", None, None, 405, "method_not_allowed"),
     ("DELETE", "/v1/models", None, None, 405, "method_not_allowed"),
+    ("BREW", "/v1/models", None, None, 405, "method_not_allowed"),
 ])
 def test_http_errors_use_openais_envelope(client, method, path, body, raw, status, code):
     reply = client.call(method, path, body, raw=raw)
@@ -1047,18 +1261,45 @@ def test_http_errors_use_openais_envelope(client, method, path, body, raw, statu
 
 
 def test_wrong_method_says_which_is_allowed(client):
-    assert client.call("GET", "/v1/chat/completions").headers["allow"] == "POST"
+    reply = client.call("GET", "/v1/chat/completions")
+    assert reply.headers["allow"] == "POST" and "/v1/chat/completions" in reply.error["message"]
 
 
-def test_body_over_the_limit_is_413(client, monkeypatch):
+def test_body_over_the_limit_is_413_and_without_length_411(client, monkeypatch):
     monkeypatch.setattr(cmp, "MAX_BODY_BYTES", 1000)
     reply = client.chat(messages=[{"role": "user", "content": "x" * 2000}])
     assert (reply.status, reply.error["code"]) == (413, "request_too_large")
+    conn = client.connect()
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.endheaders()
+    assert conn.getresponse().status == 411
 
 
-def test_unknown_http_method_is_a_json_error(client):
-    reply = client.call("BREW", "/v1/models")
-    assert reply.status == 501 and reply.error["message"]
+def raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        return sock.makefile("rb").read()
+
+
+def test_malformed_requests_get_json_errors(client):
+    # A bare request line is HTTP/0.9, whose answer has no status line: only the body.
+    assert json.loads(raw_exchange(client.port, b"GARBAGE\r\n\r\n"))["error"]["code"] == "bad_request"
+    many_headers = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+    head, _, body = raw_exchange(client.port, b"GET /health HTTP/1.1\r\n" + many_headers + b"\r\n").partition(
+        b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and json.loads(body)["error"]["code"] == "bad_request"
+
+
+def test_an_error_before_the_body_is_read_does_not_poison_the_connection(client):
+    conn = client.connect()
+    conn.request("POST", "/v1/responses", body=json.dumps({"model": "x", "input": "y" * 5000}),
+                 headers={"Content-Type": "application/json"})
+    first = conn.getresponse()
+    first.read()
+    assert first.status == 404
+    conn.close()  # the server asked for it (Connection: close); http.client reconnects
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
 
 
 def test_api_key_is_required_everywhere_but_health(start_proxy):
@@ -1066,14 +1307,17 @@ def test_api_key_is_required_everywhere_but_health(start_proxy):
     assert proxy.call("GET", "/health").status == 200
     missing = proxy.call("GET", "/v1/models")
     assert (missing.status, missing.error["code"]) == (401, "invalid_api_key")
+    assert missing.headers["www-authenticate"] == "Bearer"
     assert proxy.call("GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status == 401
     assert proxy.chat().status == 401
     assert proxy.call("GET", "/v1/models", headers={"Authorization": "Bearer sekrit"}).status == 200
+    assert proxy.chat(headers={"Authorization": "Bearer sekrit"}).status == 200
 
 
 def test_no_cors_unless_asked_and_foreign_origins_are_refused(client):
     reply = client.call("GET", "/v1/models", headers={"Origin": "https://evil.example"})
     assert reply.status == 403 and "access-control-allow-origin" not in reply.headers
+    assert reply.error["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in client.call("GET", "/v1/models").headers
 
 
@@ -1101,7 +1345,8 @@ def test_dns_rebinding_hosts_are_refused_on_loopback(host, allowed):
 
 
 def test_allowed_host_option_and_the_403(start_proxy):
-    assert start_proxy().call("GET", "/health", headers={"Host": "box.lan"}).status == 403
+    refused = start_proxy().call("GET", "/health", headers={"Host": "box.lan"})
+    assert (refused.status, refused.error["code"]) == (403, "host_not_allowed")
     assert start_proxy(allowed_hosts=("box.lan",)).call("GET", "/health", headers={"Host": "box.lan"}).status == 200
     assert cmp.host_allowed("anything", Config(host="0.0.0.0"))
 
@@ -1114,10 +1359,222 @@ def test_access_log_has_one_line_per_request_and_no_prompt_text(client, caplog):
     # The line is written once the response is out, so the client may see the reply first.
     assert wait_until(lambda: any("/v1/chat/completions" in r.getMessage() for r in caplog.records))
     [line] = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
-    assert line.startswith("POST /v1/chat/completions 200 model=claude-sonnet-4 tokens=10+5 ")
+    assert line.startswith("POST /v1/chat/completions 200 model=claude-sonnet-4 tokens=132+3 ")
     assert line.endswith("id=req-123")
-    assert not any("SECRET-PROMPT" in r.getMessage() or "Hello from fake" in r.getMessage()
+    assert not any("SECRET-PROMPT" in r.getMessage() or "Hello world" in r.getMessage()
                    for r in caplog.records)
+
+
+# ── 8b. Integration: the real CLI against the fake Anthropic API ────────────
+
+def test_real_completion(real_client, upstream):
+    upstream.default = answer("Paris.", usage={"input_tokens": 12, "output_tokens": 3,
+                                               "cache_read_input_tokens": 100,
+                                               "cache_creation_input_tokens": 20})
+    reply = real_client.chat(model="openai/claude-opus-4",
+                             messages=[{"role": "user", "content": "Capital of France?"}])
+    body = reply.json()
+    assert reply.status == 200 and body["model"] == "openai/claude-opus-4"
+    assert body["choices"][0]["message"]["content"] == "Paris."
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == 132 and body["usage"]["completion_tokens"] == 3
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 100}
+    assert upstream.last["model"] == "claude-opus-5-5"
+    assert user_texts(upstream.last) == [["Capital of France?"]]
+
+
+def test_real_stream(real_client, upstream):
+    upstream.default = answer(pieces=["Hel", "lo"], thinking="Hmm.")
+    reply, frames = real_client.stream(stream_options={"include_usage": True})
+    chunks = [f for f in frames if isinstance(f, dict)]
+    assert reply.status == 200 and frames[-1] == "[DONE]"
+    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [
+        {"role": "assistant", "content": ""}, {"reasoning_content": "Hmm."}, {"content": "Hel"}, {"content": "lo"}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
+
+
+def test_real_text_is_forwarded_as_it_arrives(real_client, upstream):
+    upstream.default = answer(pieces=["first ", "second"], hold_after=1)
+    _, frames = real_client.open_stream()
+    first_content = next(f for f in frames if isinstance(f, dict) and f["choices"][0]["delta"].get("content"))
+    assert first_content["choices"][0]["delta"]["content"] == "first "
+    assert not upstream.finished.is_set()  # the upstream is still holding "second"
+    upstream.release.set()
+    assert content_of(frames) == "second"
+
+
+def test_real_system_prompt_is_the_clis_system_prompt_not_user_text(real_client, upstream):
+    real_client.chat(messages=[{"role": "system", "content": "SYSTEM-MARKER"},
+                               {"role": "developer", "content": "DEVELOPER-MARKER"}, USER])
+    system_text = json.dumps(upstream.last["system"])
+    assert "SYSTEM-MARKER\\n\\nDEVELOPER-MARKER" in system_text
+    assert "MARKER" not in json.dumps(upstream.last["messages"])
+
+
+def test_real_conversation_reaches_upstream_as_real_turns(real_client, upstream):
+    reply = real_client.chat(messages=[
+        {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"},
+        {"role": "user", "content": "Q3"}])
+    assert reply.status == 200 and len(upstream.posts) == 1
+    turns = [(m["role"], m["content"]) for m in upstream.last["messages"] if m["role"] != "system"]
+    assert [role for role, _ in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert user_texts(upstream.last) == [["Q1"], ["Q2"], ["Q3"]]
+    assert [c[0]["text"] for r, c in turns if r == "assistant"] == ["A1", "A2"]
+
+
+def test_real_consecutive_user_messages_reach_upstream_as_one_turn(real_client, upstream):
+    real_client.chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "prompt"},
+                               {"role": "user", "content": [{"type": "text", "text": "internal context"}]}])
+    assert user_texts(upstream.last) == [["prompt", "internal context"]]
+
+
+def test_real_images_reach_upstream(real_client, upstream):
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    reply = real_client.chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}])
+    assert reply.status == 200
+    blocks = upstream.last["messages"][0]["content"]
+    sources = [b["source"] for b in blocks if b["type"] == "image"]
+    assert sources == [{"type": "base64", "media_type": "image/png", "data": png},
+                       {"type": "url", "url": "https://example.com/cat.jpg"}]
+
+
+@pytest.mark.parametrize("prompt", ["--help", "-x", "/cost", "/foo bar", "/usr/bin/env is broken",
+                                    pytest.param("x" * 300_000, id="300KB")])
+def test_real_prompts_arrive_intact_whatever_they_look_like(real_client, upstream, prompt):
+    reply = real_client.chat(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"},
+                                       {"role": "user", "content": prompt}])
+    assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "Hello from fake upstream."
+    assert ["".join(texts) for texts in user_texts(upstream.last)] == [prompt, prompt]
+    assert "slash command" not in json.dumps(upstream.last["messages"])
+
+
+def test_real_cli_has_no_tools_no_project_files_and_saves_nothing(real_client, upstream, tmp_path,
+                                                                 monkeypatch):
+    (tmp_path / "CLAUDE.md").write_text("PROJECT-MEMORY-MARKER")
+    monkeypatch.chdir(tmp_path)
+    assert real_client.chat().status == 200
+    body = json.dumps(upstream.last)
+    assert upstream.last["tools"] == []
+    assert "PROJECT-MEMORY-MARKER" not in body and str(tmp_path) + "\\n" not in body
+    projects = Path(os.environ["HOME"]) / ".claude" / "projects"
+    assert not list(projects.rglob("*.jsonl")) if projects.exists() else True
+
+
+def test_real_max_tokens_effort_and_no_thinking_reach_upstream(real_client, upstream):
+    real_client.chat(max_completion_tokens=77, reasoning_effort="high")
+    assert upstream.last["max_tokens"] == 77 and upstream.last["output_config"]["effort"] == "high"
+    assert "thinking" in upstream.last
+    real_client.chat(reasoning_effort="none")
+    assert "thinking" not in upstream.last
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_max_tokens_ends_with_length_and_no_continuation(real_client, upstream, stream):
+    upstream.default = answer(pieces=["trun", "cated"], stop_reason="max_tokens")
+    if stream:
+        frames = real_client.stream(max_tokens=3)[1]
+        text = content_of(frames)
+        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+    else:
+        choice = real_client.chat(max_tokens=3).json()["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert (text, finish) == ("truncated", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_stop_sequence_ends_the_text_and_stops_claude(real_client, upstream, stream):
+    upstream.default = answer(pieces=["one ", "two ", "STOP", " three"], hold_after=3)
+    if stream:
+        frames = real_client.stream(stop=["STOP"])[1]
+        text = content_of(frames)
+        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+    else:
+        choice = real_client.chat(stop="STOP").json()["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert (text, finish) == ("one two ", "stop")
+    upstream.release.set()  # the rest of the reply now meets a closed connection: the CLI hung up
+    assert upstream.hung_up.wait(10) and not upstream.finished.is_set()
+
+
+def test_real_subscription_is_used_even_with_an_api_key_in_the_environment(start_real_proxy, upstream,
+                                                                          monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-billed")
+    start_real_proxy().chat()
+    assert "x-api-key" not in upstream.posts[-1]["headers"]
+    assert upstream.posts[-1]["headers"]["authorization"] == "Bearer test"
+    start_real_proxy(use_api_key=True).chat()
+    assert upstream.posts[-1]["headers"]["x-api-key"] == "sk-ant-billed"
+
+
+def test_real_cli_retries_are_bounded(start_real_proxy, upstream):
+    upstream.default = fail(500, "api_error", "Internal server error")
+    reply = start_real_proxy(max_retries=1).chat()
+    assert (reply.status, reply.error["code"]) == (502, "upstream_error")
+    assert len(upstream.posts) == 2
+
+
+def test_real_rate_limit_is_429_with_retry_after(start_real_proxy, upstream):
+    upstream.default = fail(429, "rate_limit_error", "Number of request tokens has exceeded your limit",
+                            [("retry-after", "1")])
+    reply = start_real_proxy(max_retries=0).chat()
+    assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+    assert reply.error["type"] == "rate_limit_error" and "exceeded your limit" in reply.error["message"]
+
+
+def test_real_overloaded_is_503_with_retry_after(start_real_proxy, upstream):
+    upstream.default = fail(529, "overloaded_error", "Overloaded")
+    reply = start_real_proxy(max_retries=0).chat()
+    assert (reply.status, reply.error["code"]) == (503, "overloaded") and "retry-after" in reply.headers
+
+
+def test_real_not_logged_in_is_503_saying_how_to_log_in(real_client, upstream, monkeypatch):
+    monkeypatch.delenv("CLAUDE_CODE_OAUTH_TOKEN")
+    reply = real_client.chat()
+    assert reply.status == 503 and "log in" in reply.error["message"]
+    assert upstream.posts == []
+
+
+def test_real_upstream_bad_request_is_400(start_real_proxy, upstream):
+    upstream.default = fail(400, "invalid_request_error", "messages.0: something is off")
+    reply = start_real_proxy(max_retries=0).chat()
+    assert reply.status == 400 and "something is off" in reply.error["message"]
+
+
+def test_real_prompt_too_long_is_400(real_client, upstream):
+    reply = real_client.chat(messages=[{"role": "user", "content": "word " * 700_000}])
+    assert (reply.status, reply.error["code"]) == (400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_dropped_stream_that_claude_retries_is_not_duplicated(start_real_proxy, upstream, stream):
+    upstream.script = [drop(["Hello "])]
+    upstream.default = answer("Hello world")
+    proxy = start_real_proxy(max_retries=0)
+    if stream:
+        _, frames = proxy.open_stream()
+        assert content_of([next(frames), next(frames)]) == "Hello "  # the role chunk, then "Hello "
+        upstream.release.set()
+        text = "Hello " + content_of(frames)
+    else:
+        upstream.release.set()
+        text = proxy.chat().json()["choices"][0]["message"]["content"]
+    assert text == "Hello world" and len(upstream.posts) == 2
+
+
+def test_real_error_after_the_stream_began_is_an_error_event_then_done(start_real_proxy, upstream):
+    upstream.script = [drop(["Partial "])]
+    upstream.default = answer("Something else")
+    reply, frames = start_real_proxy(max_retries=0).open_stream()
+    assert content_of([next(frames), next(frames)]) == "Partial "
+    upstream.release.set()
+    rest = list(frames)
+    assert reply.status == 200 and content_of(rest) == ""
+    assert rest[-2]["error"]["code"] == "upstream_stream_restarted" and rest[-1] == "[DONE]"
 
 
 # ── 9. main ─────────────────────────────────────────────────────────────────
@@ -1189,8 +1646,18 @@ def test_signals_stop_the_server_and_every_cli_child(upstream, real_cli, signum)
         proxy.wait()
 
 
-def test_launch_agent_runs_this_file_with_the_system_python():
+def test_make_installs_a_launch_agent_that_runs_this_file(tmp_path):
     import plistlib
-    agent = plistlib.loads((HERE / "com.claude-max-api.plist").read_bytes())
+    home = tmp_path / "home"
+    done = subprocess.run(["make", "-C", str(HERE), "install-launchagent", f"HOME={home}", "LAUNCHCTL=true"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    agent = plistlib.loads((home / "Library" / "LaunchAgents" / "com.claude-max-api.plist").read_bytes())
     assert agent["Label"] == "com.claude-max-api" and agent["KeepAlive"] and agent["RunAtLoad"]
-    assert agent["ProgramArguments"] == ["/usr/bin/python3", "/Users/YOU/claude-max-proxy/claude_max_proxy.py"]
+    assert agent["ProgramArguments"] == ["/usr/bin/python3", str(HERE / "claude_max_proxy.py")]
+    assert agent["StandardErrorPath"] == str(home / "Library" / "Logs" / "claude-max-proxy.log")
+    assert f"{home}/.npm-global/bin" in agent["EnvironmentVariables"]["PATH"].split(":")
+    assert "/opt/homebrew/bin" in agent["EnvironmentVariables"]["PATH"].split(":")
+    subprocess.run(["make", "-C", str(HERE), "uninstall-launchagent", f"HOME={home}", "LAUNCHCTL=true"],
+                   check=True, capture_output=True)
+    assert not (home / "Library" / "LaunchAgents" / "com.claude-max-api.plist").exists()

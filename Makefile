@@ -18,6 +18,10 @@ test: $(CLI)
 
 cli: $(CLI)
 
+# Time to first token through the proxy next to the bare CLI, on a fake upstream.
+bench: $(CLI)
+	$(PYTHON) .ci/bench.py
+
 # npm may skip the package's install script, which puts the platform binary in
 # place of a small stub; copy the binary from the platform package ourselves.
 $(CLI):

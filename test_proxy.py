@@ -256,6 +256,15 @@ class Client:
         return reply, list(frames)
 
 
+def text_and_finish(client: Client, stream: bool, **body) -> tuple:
+    """The reply's text and finish_reason, streamed or not."""
+    if not stream:
+        choice = client.chat(**body).json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]
+    frames = client.stream(**body)[1]
+    return content_of(frames), [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
+
+
 def content_of(frames) -> str:
     return "".join(f["choices"][0]["delta"].get("content") or "" for f in frames
                    if isinstance(f, dict) and f.get("choices"))
@@ -316,7 +325,7 @@ def servers():
 
 def serve(servers: list, **options) -> Client:
     server = cmp.ProxyServer(Config(port=0, **options), "2.1.329")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     servers.append(server)
     return Client(server)
 
@@ -1135,13 +1144,7 @@ def test_a_different_retry_ends_a_begun_stream_with_an_error_event(client, fake)
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequence_ends_the_text_and_interrupts_the_cli(client, fake, stream):
     fake.play("stop")
-    if stream:
-        frames = client.stream(stop=["STOP"])[1]
-        text = content_of(frames)
-        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
-    else:
-        choice = client.chat(stop="STOP").json()["choices"][0]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
+    text, finish = text_and_finish(client, stream, stop=["STOP"])
     assert (text, finish) == ("one two ", "stop")
     assert {"type": "control_request", "request_id": "stop", "request": {"subtype": "interrupt"}} in fake.stdin()
 
@@ -1476,26 +1479,14 @@ def test_real_max_tokens_effort_and_no_thinking_reach_upstream(real_client, upst
 @pytest.mark.parametrize("stream", [False, True])
 def test_real_max_tokens_ends_with_length_and_no_continuation(real_client, upstream, stream):
     upstream.default = answer(pieces=["trun", "cated"], stop_reason="max_tokens")
-    if stream:
-        frames = real_client.stream(max_tokens=3)[1]
-        text = content_of(frames)
-        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
-    else:
-        choice = real_client.chat(max_tokens=3).json()["choices"][0]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
+    text, finish = text_and_finish(real_client, stream, max_tokens=3)
     assert (text, finish) == ("truncated", "length")
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_real_stop_sequence_ends_the_text_and_stops_claude(real_client, upstream, stream):
     upstream.default = answer(pieces=["one ", "two ", "STOP", " three"], hold_after=3)
-    if stream:
-        frames = real_client.stream(stop=["STOP"])[1]
-        text = content_of(frames)
-        finish = [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1]
-    else:
-        choice = real_client.chat(stop="STOP").json()["choices"][0]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
+    text, finish = text_and_finish(real_client, stream, stop=["STOP"])
     assert (text, finish) == ("one two ", "stop")
     upstream.release.set()  # the rest of the reply now meets a closed connection: the CLI hung up
     assert upstream.hung_up.wait(10) and not upstream.finished.is_set()

@@ -86,38 +86,38 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         prog="claude_max_proxy.py",
         description="Serve OpenAI's /v1/chat/completions from your Claude subscription "
                     "through the Claude Code CLI. Every option can also be set with the "
-                    f"environment variable shown, e.g. {ENV_PREFIX}PORT=8080.")
+                    f"environment variable shown in its help.")
     add = parser.add_argument
     add("--host", default=env("HOST") or Config.host,
-        help="address to listen on (HOST; default %(default)s)")
+        help="address to listen on ($CLAUDE_MAX_PROXY_HOST; default %(default)s)")
     add("--port", type=int, default=env("PORT") or Config.port,
-        help="port to listen on (PORT; default %(default)s)")
+        help="port to listen on ($CLAUDE_MAX_PROXY_PORT; default %(default)s)")
     add("--claude", metavar="PATH", default=env("CLAUDE") or Config.claude,
-        help="the Claude Code CLI to run (CLAUDE; default: `claude` on PATH)")
+        help="the Claude Code CLI to run ($CLAUDE_MAX_PROXY_CLAUDE; default: `claude` on PATH)")
     add("--api-key", metavar="KEY", default=env("API_KEY"),
-        help="require `Authorization: Bearer KEY` on every route but /health (API_KEY)")
+        help="require `Authorization: Bearer KEY` on every route but /health ($CLAUDE_MAX_PROXY_API_KEY)")
     add("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
         help="allow browser requests from ORIGIN; repeatable, `*` for any "
-             "(CORS_ORIGINS, comma-separated; default: none)")
+             "($CLAUDE_MAX_PROXY_CORS_ORIGINS, comma-separated; default: none)")
     add("--allowed-host", metavar="NAME", action="append", dest="allowed_hosts",
         help="accept this Host name too while bound to loopback; repeatable "
-             "(ALLOWED_HOSTS, comma-separated; default: loopback names only)")
+             "($CLAUDE_MAX_PROXY_ALLOWED_HOSTS, comma-separated; default: loopback names only)")
     add("--max-concurrency", metavar="N", type=int,
         default=env("MAX_CONCURRENCY") or Config.max_concurrency,
         help="CLI processes running at once; a few more requests wait briefly, "
-             "the rest get 429 (MAX_CONCURRENCY; default %(default)s)")
+             "the rest get 429 ($CLAUDE_MAX_PROXY_MAX_CONCURRENCY; default %(default)s)")
     add("--timeout", metavar="SECONDS", type=float, default=env("TIMEOUT") or Config.timeout,
-        help="give up on a request after this long, with 504 (TIMEOUT; default %(default)s)")
+        help="give up on a request after this long, with 504 ($CLAUDE_MAX_PROXY_TIMEOUT; default %(default)s)")
     add("--max-retries", metavar="N", type=int, default=env("MAX_RETRIES") or Config.max_retries,
-        help="retries the CLI makes on upstream errors (MAX_RETRIES; default %(default)s)")
+        help="retries the CLI makes on upstream errors ($CLAUDE_MAX_PROXY_MAX_RETRIES; default %(default)s)")
     add("--use-api-key", action="store_true", default=_env_flag(env("USE_API_KEY")),
         help="let the CLI see ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN, which bills the API "
-             "per token instead of your subscription (USE_API_KEY=1)")
+             "per token instead of your subscription ($CLAUDE_MAX_PROXY_USE_API_KEY=1)")
     add("--allow-unauthenticated-remote", action="store_true",
         default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
-        help="allow a non-loopback --host without --api-key (ALLOW_UNAUTHENTICATED_REMOTE=1)")
+        help="allow a non-loopback --host without --api-key ($CLAUDE_MAX_PROXY_ALLOW_UNAUTHENTICATED_REMOTE=1)")
     add("--log-level", choices=LOG_LEVELS, default=(env("LOG_LEVEL") or Config.log_level).lower(),
-        help="log verbosity on stderr (LOG_LEVEL; default %(default)s)")
+        help="log verbosity on stderr ($CLAUDE_MAX_PROXY_LOG_LEVEL; default %(default)s)")
     add("--version", action="version", version=f"claude-max-proxy {__version__}")
     # String defaults (from the environment) go through type= like typed values,
     # so CLAUDE_MAX_PROXY_PORT=abc is a usage error, not a traceback.

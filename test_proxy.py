@@ -641,7 +641,7 @@ def test_every_option_is_in_help_and_readme(capsys):
         assert f"`{option}" in readme, f"{option} is not documented in README.md"
     for variable in ("HOST", "PORT", "CLAUDE", "API_KEY", "CORS_ORIGINS", "ALLOWED_HOSTS", "MAX_CONCURRENCY",
                      "TIMEOUT", "MAX_RETRIES", "USE_API_KEY", "ALLOW_UNAUTHENTICATED_REMOTE", "LOG_LEVEL"):
-        assert f"CLAUDE_MAX_PROXY_{variable}" in readme
+        assert f"CLAUDE_MAX_PROXY_{variable}" in readme and f"$CLAUDE_MAX_PROXY_{variable}" in help_text
 
 
 def test_version_option(capsys):

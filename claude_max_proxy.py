@@ -86,7 +86,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         prog="claude_max_proxy.py",
         description="Serve OpenAI's /v1/chat/completions from your Claude subscription "
                     "through the Claude Code CLI. Every option can also be set with the "
-                    f"environment variable shown in its help.")
+                    "environment variable shown in its help.")
     add = parser.add_argument
     add("--host", default=env("HOST") or Config.host,
         help="address to listen on ($CLAUDE_MAX_PROXY_HOST; default %(default)s)")
@@ -539,7 +539,6 @@ class ClaudeProcess:
     """
 
     def __init__(self, config: Config, settings: CliSettings):
-        self.settings = settings
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")  # no CLAUDE.md, no project files
         # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
         # stdout, and a child that fills one with warnings blocks forever.
@@ -564,8 +563,9 @@ class ClaudeProcess:
         self.write(control_line("init", "initialize", systemPrompt=settings.system_prompt))
 
     def _read_stdout(self):
-        for raw in self.popen.stdout:
-            self._lines.put(raw)
+        with self.popen.stdout:  # closed here: another thread closing it could block on its lock
+            for raw in self.popen.stdout:
+                self._lines.put(raw)
         self._lines.put(None)
 
     def _write_stdin(self):
@@ -632,15 +632,23 @@ class ClaudeProcess:
         """Stop the child: gently after a finished turn, at once otherwise."""
         with self._lock:
             self._stdin.put(None)  # ends the writer thread, and stdin with it
-            if self.popen.poll() is None:
-                if not self.turn_finished:
-                    self.popen.terminate()
-                try:
-                    self.popen.wait(EXIT_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait()
+            if not self.turn_finished:
+                self._signal_group(signal.SIGTERM)
+            try:
+                self.popen.wait(EXIT_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.popen.wait()
+            self._signal_group(signal.SIGKILL)  # anything the CLI started and left behind
             self._cleanup()
+
+    def _signal_group(self, signum: int):
+        # The child leads its own process group (start_new_session), so this
+        # reaches whatever it started too, which could hold its stdout open.
+        try:
+            os.killpg(self.popen.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _cleanup(self):
         self._stderr.close()
@@ -695,6 +703,8 @@ class TextDelta:
 class TurnEnd:
     stop_reason: Optional[str]  # Claude's: end_turn, max_tokens, stop_sequence, ...
     usage: Usage
+    text: str = ""       # the whole answer, as sent
+    reasoning: str = ""  # the whole thinking, as sent
 
 
 RATE_LIMIT_RETRY_SECONDS = 60
@@ -718,15 +728,14 @@ class ReplayGuard:
     def restart(self):
         self.replay, self.position = "".join(self.sent), 0
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str) -> Optional[str]:
+        """The part of `text` not sent yet; None if the retry departs from what was sent."""
         if self.replay is None:
             self.sent.append(text)
             return text
         expected = self.replay[self.position:self.position + len(text)]
         if not text.startswith(expected):
-            raise ApiError(502, "The upstream stream broke off and Claude's retry wrote a different "
-                                      "answer, so the text already sent is incomplete; retry the request.",
-                                 code="upstream_stream_restarted")
+            return None
         self.position += len(expected)
         if self.position == len(self.replay):
             self.replay = None
@@ -781,6 +790,7 @@ class TurnTranslator:
         self.streamed = False    # the current attempt arrives as stream events
         self.error_kind = None   # from the CLI's synthetic error message
         self.rate_limit: dict = {}
+        self.thinking_muted = False
         self._start_answer()
 
     def _start_answer(self):
@@ -788,14 +798,6 @@ class TurnTranslator:
         self.reasoning: List[str] = []
         self.guards = {False: ReplayGuard(), True: ReplayGuard()}
         self.scanner = StopScanner(self.stop_sequences)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.content)
-
-    @property
-    def reasoning_text(self) -> str:
-        return "".join(self.reasoning)
 
     def feed(self, event: dict) -> list:
         kind = event.get("type")
@@ -857,7 +859,13 @@ class TurnTranslator:
 
     def _text(self, text: str, reasoning: bool) -> list:
         new = self.guards[reasoning].feed(text)
-        if self.ended_by or not new:
+        if new is None and not reasoning:
+            raise ApiError(502, "The upstream stream broke off and Claude's retry wrote a different "
+                                "answer, so the text already sent is incomplete; retry the request.",
+                           code="upstream_stream_restarted")
+        if new is None:  # rewritten thinking: what was sent stays, the rest of it is not shown
+            self.thinking_muted = True
+        if self.ended_by or not new or (reasoning and self.thinking_muted):
             return []
         if reasoning:
             self.reasoning.append(new)
@@ -875,13 +883,16 @@ class TurnTranslator:
 
     def _result(self, result: dict) -> list:
         if self.ended_by:  # we interrupted the CLI; its result reports no usage
-            return [TurnEnd(self.ended_by, self.stream_usage)]
+            return [self._end(self.ended_by, self.stream_usage)]
         if result.get("is_error"):
             raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
         usage = Usage.from_claude(result.get("usage"))
         if not (usage.input_tokens or usage.output_tokens):
             usage = self.stream_usage
-        return self._content(self.scanner.flush()) + [TurnEnd(result.get("stop_reason"), usage)]
+        return self._content(self.scanner.flush()) + [self._end(result.get("stop_reason"), usage)]
+
+    def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
+        return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning))
 
 
 def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float) -> ApiError:
@@ -942,10 +953,10 @@ class Reply:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def completion(self, text: str, reasoning: str, end: TurnEnd) -> dict:
-        message = {"role": "assistant", "content": text, "refusal": None}
-        if reasoning:
-            message["reasoning_content"] = reasoning
+    def completion(self, end: TurnEnd) -> dict:
+        message = {"role": "assistant", "content": end.text, "refusal": None}
+        if end.reasoning:
+            message["reasoning_content"] = end.reasoning
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": finish_reason(end.stop_reason)}],
@@ -1064,6 +1075,8 @@ class ProxyServer(ThreadingHTTPServer):
 
     @contextmanager
     def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
+        if self.stopping.is_set():
+            raise ApiError(503, "The server is shutting down.", code="shutting_down")
         process = ClaudeProcess(self.config, settings)
         with self._processes_lock:
             self._processes.add(process)
@@ -1105,13 +1118,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = f"claude-max-proxy/{__version__}"
     timeout = 300  # an idle keep-alive connection is closed after this long
     server: ProxyServer
-    # Per-request state, reset by handle_method(); these defaults serve the
-    # errors http.server raises before a request is parsed.
-    sse_started = False
-    request_id = "-"
-    status = 0
-    headers = None
-    body_read = False
+    headers = None  # until http.server has parsed them; its own errors may come first
 
     # ── dispatch ──
     def do_GET(self):
@@ -1119,14 +1126,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
-    def handle_method(self):
+    def begin_request(self):
+        """Reset the per-request state: one connection carries many requests."""
         self.started = time.monotonic()
         self.sse_started = self.body_read = False
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
         self.status = 0
-        given_id = self.headers.get("x-request-id", "")
+        given_id = self.headers.get("x-request-id", "") if self.headers is not None else ""
         self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+
+    def handle_method(self):
+        self.begin_request()
         with self.server.handling():
             try:
                 self.route()
@@ -1204,7 +1215,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(411, "Send the JSON body with a Content-Length header (chunked request "
                                 "bodies are not supported).", code="length_required")
-        length = int(declared) if declared.strip().isdigit() else -1
+        length = int(declared) if re.fullmatch(r"[0-9]+", declared.strip()) else -1
         if length < 0:
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header.", code="invalid_request")
@@ -1249,7 +1260,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self.send_stream(reply, events)
                     else:
                         end = [event for event in events if isinstance(event, TurnEnd)][-1]
-                        self.send_json(200, reply.completion(translator.text, translator.reasoning_text, end))
+                        self.send_json(200, reply.completion(end))
                 except ApiError:
                     if self.server.stopping.is_set():  # we stopped its CLI ourselves
                         raise ApiError(503, "The server is shutting down.", code="shutting_down") from None
@@ -1309,21 +1320,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         ("Access-Control-Expose-Headers", "x-request-id, retry-after")]
         return headers
 
-    def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
-        data = json_bytes(body)
+    def send_head(self, status: int, headers: Sequence[Tuple[str, str]]):
         self.status = status
         try:
             self.send_response(status)
-            for name, value in [*self.base_headers(), *headers,
-                                ("Content-Type", "application/json"), ("Content-Length", str(len(data)))]:
+            for name, value in [*self.base_headers(), *headers]:
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             raise ClientGone() from None
+
+    def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
+        data = json_bytes(body)
+        self.send_head(status, [*headers, ("Content-Type", "application/json"),
+                                ("Content-Length", str(len(data)))])
+        if self.command != "HEAD":
+            self.write(data)
 
     def send_api_error(self, err: ApiError):
         if self.sse_started:  # the status line is gone: OpenAI clients read an error frame
@@ -1344,14 +1358,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, unknown method) in OpenAI's envelope."""
+        self.begin_request()
         self.close_connection = True
-        self.request_id = uuid.uuid4().hex
         if code == 501:  # a method we have no do_* for
             err = ApiError(405, f"{self.command} is not supported; use GET or POST.",
                            code="method_not_allowed", headers=[("Allow", "GET, POST, OPTIONS")])
         else:
-            err = ApiError(code, message or explain or "Bad request.", code="bad_request")
+            err = ApiError(code, message or self.responses.get(code, ("Bad request",))[0] + ".",
+                           code="bad_request")
         self.send_api_error(err)
+        self.log_access()
 
     def send_preflight(self):
         origin = self.headers.get("Origin")
@@ -1361,20 +1377,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             allowed = requested if HEADER_LIST.fullmatch(requested.strip()) else "authorization, content-type"
             headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
                         ("Access-Control-Allow-Headers", allowed), ("Access-Control-Max-Age", "600")]
-        self.status = 204
-        self.send_response(204)
-        for name, value in [*self.base_headers(), *headers, ("Content-Length", "0")]:
-            self.send_header(name, value)
-        self.end_headers()
+        self.send_head(204, [*headers, ("Content-Length", "0")])
 
     def start_sse(self):
-        self.status, self.sse_started = 200, True
-        self.send_response(200)
-        for name, value in [*self.base_headers(), ("Content-Type", "text/event-stream; charset=utf-8"),
-                            ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
-                            ("X-Accel-Buffering", "no")]:
-            self.send_header(name, value)
-        self.end_headers()
+        self.sse_started = True
+        self.send_head(200, [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+                             ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no")])
 
     def write_sse(self, body: object):
         self.write_chunk(b"data: " + json_bytes(body) + b"\n\n")
@@ -1384,9 +1392,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.write_chunk(b"")  # the zero-length chunk ends the chunked body
 
     def write_chunk(self, data: bytes):
+        self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def write(self, data: bytes):
         # No flush(): StreamRequestHandler.wbufsize is 0, so each write() is a sendall().
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             raise ClientGone() from None
 

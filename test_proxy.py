@@ -1,9 +1,10 @@
 """Tests for claude_max_proxy.py, in the order of its sections.
 
-Pure sections get table tests. The HTTP tests run the proxy in-process with
-the real Claude Code CLI (installed by `make test` into .cache/claude), which
-talks to FakeAnthropic below: a Messages API on 127.0.0.1 whose request log
-shows exactly what would reach the model.
+Pure sections get table tests. The HTTP tests run the proxy in-process, in two
+layers: fast ones drive it with a fake `claude` (FAKE_CLAUDE below, modelled on
+the CLI's recorded transcripts); integration ones run the real Claude Code CLI
+(installed by `make test` into .cache/claude) against FakeAnthropic, a Messages
+API on 127.0.0.1 whose request log shows exactly what would reach the model.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import claude_max_proxy as cmp
-from claude_max_proxy import ApiError, Config, TextDelta, Turn, TurnEnd, TurnTranslator, Usage
+from claude_max_proxy import ApiError, ClaudeProcess, Config, TextDelta, Turn, TurnEnd, TurnTranslator, Usage
 
 HERE = Path(__file__).resolve().parent
 REAL_CLI = HERE / ".cache" / "claude" / "node_modules" / ".bin" / "claude"
@@ -511,6 +513,13 @@ def answer():
         result("Something else")
     elif SCENARIO == "garbage":
         print("Segmentation fault?", flush=True)
+    elif SCENARIO == "helper":  # starts a process of its own (as tools would), then hangs
+        import subprocess
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        log({"helper": helper.pid})
+        message_start()
+        while next_line() is not None:
+            pass
     elif SCENARIO == "rate_limit":
         emit({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": time.time() + 120}})
         api_error("API Error: Request rejected (429) · slow down", "rate_limit", 429)
@@ -545,6 +554,7 @@ while True:
               "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}})
     elif line["type"] == "user":
         answer()
+log({"eof": True})  # stdin closed: the proxy let it finish on its own
 '''
 
 
@@ -867,7 +877,7 @@ def test_text_deltas_and_the_end_of_a_turn():
                                                       "output_tokens_details": {"thinking_tokens": 1}})])
     assert out == [TextDelta("Hello "), TextDelta("world"),
                    TurnEnd("end_turn", Usage(input_tokens=3, output_tokens=2, cache_read_tokens=100,
-                                             cache_write_tokens=20, reasoning_tokens=1))]
+                                             cache_write_tokens=20, reasoning_tokens=1), "Hello world")]
 
 
 def test_thinking_becomes_reasoning_deltas():
@@ -885,11 +895,10 @@ def test_synthetic_error_text_is_never_forwarded():
 
 
 def test_restarted_stream_that_repeats_itself_is_not_duplicated():
-    translator, out = translate([message_start(), text_delta("Hello "), text_delta("wor"), ABANDONED,
-                                 message_start(), text_delta("Hello "), text_delta("world"), text_delta("!"),
-                                 success()])
+    _, out = translate([message_start(), text_delta("Hello "), text_delta("wor"), ABANDONED,
+                        message_start(), text_delta("Hello "), text_delta("world"), text_delta("!"), success()])
     assert [o.text for o in out if isinstance(o, TextDelta)] == ["Hello ", "wor", "ld", "!"]
-    assert translator.text == "Hello world!"
+    assert out[-1].text == "Hello world!"
 
 
 def test_non_streaming_fallback_after_a_drop_completes_the_text():
@@ -903,23 +912,39 @@ def test_a_retry_that_writes_something_else_fails_a_live_stream():
     with pytest.raises(ApiError) as caught:
         translate(lines)
     assert (caught.value.status, caught.value.code) == (502, "upstream_stream_restarted")
-    translator, _ = translate(lines, live=False)  # a non-streaming reply simply starts over
-    assert translator.text == "Other"
+    _, out = translate(lines, live=False)  # a non-streaming reply simply starts over
+    assert out[-1].text == "Other"
 
 
-@pytest.mark.parametrize("pieces, stops, sent", [
-    (["Hello STOP world"], ["STOP"], "Hello "),
-    (["Hello ST", "OP world"], ["STOP"], "Hello "),
-    (["Hel", "lo", " S", "T", "OP"], ["STOP"], "Hello "),
-    (["one\n\ntwo"], ["\n\n", "two"], "one"),
-    (["ST", "ART and STOP"], ["STOP"], "START and "),
-    (["no stop here"], ["STOP"], "no stop here"),
-    (["ends with ST"], ["STOP"], "ends with ST"),
+def test_thinking_that_a_retry_rewrites_is_cut_short_not_fatal():
+    def thinking(text):
+        return stream_event({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "thinking_delta", "thinking": text}})
+    _, out = translate([message_start(), thinking("Let me think"), ABANDONED, message_start(),
+                        thinking("Hmm, so"), text_delta("Paris"), success()])
+    assert out == [TextDelta("Let me think", reasoning=True), TextDelta("Paris"),
+                   TurnEnd("end_turn", Usage(input_tokens=10, output_tokens=5), "Paris", "Let me think")]
+
+
+def test_usage_falls_back_to_the_stream_when_the_result_has_none():
+    _, out = translate([message_start(input_tokens=42, cache_read=7), text_delta("x"),
+                        success("x", usage={"input_tokens": 0, "output_tokens": 0})])
+    assert out[-1].usage == Usage(input_tokens=42, output_tokens=1, cache_read_tokens=7)
+
+
+@pytest.mark.parametrize("pieces, stops, sent, stop_reason", [
+    (["Hello STOP world"], ["STOP"], "Hello ", "stop_sequence"),
+    (["Hello ST", "OP world"], ["STOP"], "Hello ", "stop_sequence"),
+    (["Hel", "lo", " S", "T", "OP"], ["STOP"], "Hello ", "stop_sequence"),
+    (["one\n\ntwo"], ["\n\n", "two"], "one", "stop_sequence"),
+    (["ST", "ART and STOP"], ["STOP"], "START and ", "stop_sequence"),
+    (["no stop here"], ["STOP"], "no stop here", "end_turn"),
+    (["ends with ST"], ["STOP"], "ends with ST", "end_turn"),
 ])
-def test_stop_sequences_cut_the_text(pieces, stops, sent):
-    translator, out = translate([message_start(), *map(text_delta, pieces), success()], stop=stops)
+def test_stop_sequences_cut_the_text(pieces, stops, sent, stop_reason):
+    _, out = translate([message_start(), *map(text_delta, pieces), success()], stop=stops)
     assert "".join(o.text for o in out if isinstance(o, TextDelta)) == sent
-    assert out[-1].stop_reason == ("stop_sequence" if translator.ended_by else "end_turn")
+    assert (out[-1].stop_reason, out[-1].text) == (stop_reason, sent)
 
 
 def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_stream():
@@ -927,7 +952,7 @@ def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_str
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
     translator, out = translate([message_start(input_tokens=42), text_delta("a."), text_delta("b"),
                                  interrupted], stop=["."])
-    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1))]
+    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a")]
 
 
 @pytest.mark.parametrize("lines, status, code", [
@@ -1294,15 +1319,64 @@ def test_malformed_requests_get_json_errors(client):
 
 
 def test_an_error_before_the_body_is_read_does_not_poison_the_connection(client):
+    body = json.dumps({"model": "x", "input": "y" * 5000}).encode()
+    answer_bytes = raw_exchange(client.port, b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
+                                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" % (len(body), body))
+    # One answer, and the connection closed: the unread body was not taken for a request.
+    assert answer_bytes.count(b"HTTP/1.1 ") == 1 and answer_bytes.startswith(b"HTTP/1.1 404")
+    assert b"Connection: close" in answer_bytes
+
+
+def test_after_a_stream_the_connection_serves_the_next_request(client):
     conn = client.connect()
-    conn.request("POST", "/v1/responses", body=json.dumps({"model": "x", "input": "y" * 5000}),
-                 headers={"Content-Type": "application/json"})
-    first = conn.getresponse()
-    first.read()
-    assert first.status == 404
-    conn.close()  # the server asked for it (Connection: close); http.client reconnects
-    conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "sonnet", "stream": True, "messages": [USER]}),
+                 {"Content-Type": "application/json"})
+    assert b"[DONE]" in conn.getresponse().read()
+    conn.request("BREW", "/v1/models")  # refused by http.server itself, on the same connection
+    reply = conn.getresponse()
+    assert reply.status == 405 and json.loads(reply.read())["error"]["code"] == "method_not_allowed"
+
+
+def test_non_ascii_content_length_is_a_400(client):
+    head = raw_exchange(client.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                     b"Content-Length: \xb2\r\n\r\n").partition(b"\r\n")[0]
+    assert head == b"HTTP/1.1 400 Bad Request"
+
+
+def test_a_finished_turn_lets_the_cli_exit_by_itself_and_leaves_nothing(client, fake):
+    before = set(Path(tempfile.gettempdir()).glob("claude-max-proxy-*"))
+    assert client.chat().status == 200
+    assert wait_until(lambda: {"eof": True} in [{k: v for k, v in e.items() if k != "pid"} for e in fake.log()])
+    assert wait_until(lambda: client.server.live_processes() == [])
+    assert set(Path(tempfile.gettempdir()).glob("claude-max-proxy-*")) <= before
+
+
+def test_what_the_cli_started_is_stopped_with_it(start_proxy, fake):
+    fake.play("helper")
+    proxy = start_proxy(timeout=0.5)
+    assert proxy.chat().status == 504
+    [helper] = [entry["helper"] for entry in fake.log() if "helper" in entry]
+    assert wait_until(lambda: not pid_alive(helper))
+
+
+def test_a_request_queued_before_shutdown_starts_no_cli(start_proxy, fake, monkeypatch):
+    started = []
+    monkeypatch.setattr(cmp, "ClaudeProcess", lambda *args: started.append(args) or ClaudeProcess(*args))
+    fake.play("hold")
+    proxy = start_proxy(max_concurrency=1)
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(proxy.chat())) for _ in range(2)]
+    threads[0].start()
+    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
+    threads[1].start()
+    assert wait_until(lambda: proxy.server.gate.waiting == 1)
+    proxy.server.stopping.set()  # as drain_and_close() does first
+    fake.release()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(r.status for r in replies) == [200, 503]
+    assert len(started) == 1
 
 
 def test_api_key_is_required_everywhere_but_health(start_proxy):

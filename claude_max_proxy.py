@@ -8,8 +8,10 @@ Sections, in the order a request travels:
   1 Configuration   2 Errors   3 Models   4 The OpenAI request (pure)
   5 The CLI process (I/O)   6 Claude's events (pure)
   7 The OpenAI response (pure)   8 The HTTP server (I/O)   9 main
-One thread per connection. Requests share the read-only Config and, behind
-locks on the server object, the admission gate and the set of live CLI children.
+One thread per connection, and two per CLI child (a stdout reader, a stdin
+writer), so a request thread never blocks on a pipe and can watch its deadline
+and its client. Requests share the read-only Config and, behind locks on the
+server object, the admission gate and the set of live CLI children.
 Not supported yet: n > 1, logprobs, audio, function calling (the tools are
 accepted and not shown to the model).
 Standard library only, Python 3.9 to 3.13.

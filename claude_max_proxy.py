@@ -998,6 +998,10 @@ def json_bytes(body: object) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "The server is shutting down.", code="shutting_down")
+
+
 class ClientGone(Exception):
     """The client closed its connection; stop working for it."""
 
@@ -1078,13 +1082,13 @@ class ProxyServer(ThreadingHTTPServer):
     @contextmanager
     def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
         if self.stopping.is_set():
-            raise ApiError(503, "The server is shutting down.", code="shutting_down")
+            raise shutting_down()
         process = ClaudeProcess(self.config, settings)
         with self._processes_lock:
             self._processes.add(process)
         try:
             if self.stopping.is_set():  # checked after adding: drain_and_close sees it, or we do
-                raise ApiError(503, "The server is shutting down.", code="shutting_down")
+                raise shutting_down()
             yield process
         finally:
             process.close()
@@ -1167,7 +1171,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self.send_preflight()
         if self.server.stopping.is_set():
             self.close_connection = True
-            raise ApiError(503, "The server is shutting down.", code="shutting_down")
+            raise shutting_down()
         if path != "/health":
             self.check_api_key()
         if key not in ROUTES:
@@ -1265,7 +1269,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self.send_json(200, reply.completion(end))
                 except ApiError:
                     if self.server.stopping.is_set():  # we stopped its CLI ourselves
-                        raise ApiError(503, "The server is shutting down.", code="shutting_down") from None
+                        raise shutting_down() from None
                     raise
 
     def turn_events(self, cli: ClaudeProcess, translator: TurnTranslator, deadline: float):

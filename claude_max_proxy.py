@@ -12,8 +12,7 @@ One thread per connection, and two per CLI child (a stdout reader, a stdin
 writer), so a request thread never blocks on a pipe and can watch its deadline
 and its client. Requests share the read-only Config and, behind locks on the
 server object, the admission gate and the set of live CLI children.
-Not supported yet: n > 1, logprobs, audio, function calling (the tools are
-accepted and not shown to the model).
+Not supported: n > 1, logprobs, audio.
 Standard library only, Python 3.9 to 3.13.
 """
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -40,9 +40,9 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
 __version__ = "1.0.0"
@@ -205,15 +205,27 @@ def model_object(model_id: str) -> dict:
 
 # Accepted and ignored, because the CLI cannot send them upstream (PROTOCOL.md
 # §6.1) or they only mean something to OpenAI: temperature (range-checked),
-# top_p, seed, user, metadata, store, parallel_tool_calls, prompt_cache_key,
-# frequency_penalty, presence_penalty, logit_bias, service_tier, tools,
-# tool_choice, response_format, and any field we do not know.
+# top_p, seed, user, metadata, store, prompt_cache_key, frequency_penalty,
+# presence_penalty, logit_bias, service_tier, a tool's `strict`, and any field
+# we do not know.
 
 EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "xhigh": "xhigh", "max": "max"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
 MAX_STOP_SEQUENCES = 4
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; Claude's is no looser
+TOOL_USE_ID = re.compile(r"[A-Za-z0-9_-]+")     # what Claude accepts as a tool_use id
+NO_PARAMETERS = {"type": "object", "properties": {}}
+JSON_OBJECT_SCHEMA = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A client function, as Claude is shown it."""
+    name: str
+    description: str
+    parameters: dict  # the JSON schema of its arguments, always an object schema
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,8 @@ class CliSettings:
     effort: Optional[str] = None      # --effort; None leaves the CLI's default
     max_tokens: Optional[int] = None  # CLAUDE_CODE_MAX_OUTPUT_TOKENS
     thinking: bool = True             # False: CLAUDE_CODE_DISABLE_THINKING=1
+    tools: Tuple[FunctionTool, ...] = ()  # offered to Claude; the CLI never runs them
+    output_schema: Optional[dict] = None  # Claude answers through the CLI's StructuredOutput tool
 
 
 @dataclass(frozen=True)
@@ -241,6 +255,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     stop: Tuple[str, ...] = ()
+    one_tool_call: bool = False     # parallel_tool_calls=false, or legacy functions
+    legacy_functions: bool = False  # answer with message.function_call, as asked
 
 
 def parse_chat_request(body: object) -> ChatRequest:
@@ -262,11 +278,21 @@ def parse_chat_request(body: object) -> ChatRequest:
     temperature = _optional(body, "temperature", (float, int), None)
     if temperature is not None and not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}.", param="temperature")
-    settings = CliSettings(model=cli_model, system_prompt=system_prompt,
-                           max_tokens=_max_tokens(body), **_effort(body))
-    return ChatRequest(model=model, settings=settings, history=tuple(turns[:-1]), prompt=turns[-1],
+    tools, tool_instruction, legacy = parse_tools(body)
+    history, prompt = tuple(turns[:-1]), turns[-1]
+    settings = CliSettings(
+        model=cli_model, system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
+        max_tokens=_max_tokens(body), tools=tools, output_schema=_output_schema(body), **_effort(body))
+    if any(block["type"] == "tool_result" for block in prompt.content):
+        # Claude requires the thinking that preceded a tool call to come back
+        # with its result, and OpenAI clients do not keep it: answer this turn
+        # without thinking rather than fail.
+        settings = replace(settings, thinking=False)
+    parallel = _optional(body, "parallel_tool_calls", (bool,), True)
+    return ChatRequest(model=model, settings=settings, history=history, prompt=prompt,
                        stream=stream, include_usage=include_usage,
-                       stop=_stop_sequences(body.get("stop")))
+                       stop=_stop_sequences(body.get("stop")),
+                       one_tool_call=legacy or not parallel, legacy_functions=legacy)
 
 
 def _optional(body: dict, name: str, kinds: tuple, default, param: Optional[str] = None):
@@ -313,12 +339,130 @@ def _stop_sequences(stop: object) -> Tuple[str, ...]:
     return tuple(stops)
 
 
+def parse_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
+    """The tools Claude is offered, an instruction for tool_choice, and whether they came as legacy functions.
+
+    The CLI sends Claude no tool_choice, so "required" and a named function
+    become an instruction in the system prompt (a named function is also the
+    only one offered); "none" offers nothing.
+    """
+    legacy = body.get("tools") is None and body.get("functions") is not None
+    if legacy:
+        specs = _optional(body, "functions", (list,), [])
+        tools = [_function_tool(spec, f"functions[{i}]") for i, spec in enumerate(specs)]
+        choice, choice_param = body.get("function_call"), "function_call"
+        if isinstance(choice, dict):  # the legacy {"name": ...}
+            choice = {"type": "function", "function": choice}
+    else:
+        specs = _optional(body, "tools", (list,), [])
+        tools = [_tool(spec, f"tools[{i}]") for i, spec in enumerate(specs)]
+        choice, choice_param = body.get("tool_choice"), "tool_choice"
+    names = [tool.name for tool in tools]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ApiError(400, f"Tool names must be unique; {', '.join(duplicates)} is given twice.", param="tools")
+    mode, allowed = _tool_choice(choice, choice_param)
+    if mode == "none":
+        return (), "", legacy
+    if allowed is not None:
+        unknown = [name for name in allowed if name not in names]
+        if unknown:
+            raise ApiError(400, f"'{choice_param}' names {', '.join(unknown)}, which is not among the "
+                                "tools given.", param=choice_param)
+        tools = [tool for tool in tools if tool.name in allowed]
+    if mode == "required" and not tools:
+        raise ApiError(400, f"'{choice_param}' requires a tool call, but no tools are given.",
+                       param=choice_param)
+    instruction = ""
+    if mode == "required" and allowed is not None and len(allowed) == 1:
+        instruction = f"Respond by calling the function `{allowed[0]}`."
+    elif mode == "required":
+        instruction = "Respond by calling one or more of the available functions, not with text alone."
+    return tuple(tools), instruction, legacy
+
+
+def _tool_choice(choice: object, param: str) -> Tuple[str, Optional[List[str]]]:
+    """("auto" | "none" | "required", the names it allows or None for all)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice or "auto", None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        return "required", [choice["function"]["name"]]
+    if kind == "allowed_tools" and isinstance(choice.get("allowed_tools"), dict):
+        allowed = choice["allowed_tools"]
+        names = [(t.get("function") or {}).get("name") if isinstance(t, dict) else None
+                 for t in allowed.get("tools") or []]
+        if allowed.get("mode", "auto") in ("auto", "required") and names and all(isinstance(n, str) for n in names):
+            return allowed.get("mode", "auto"), names
+    raise ApiError(400, f"'{param}' must be \"auto\", \"none\", \"required\", "
+                        '{"type": "function", "function": {"name": ...}} or an allowed_tools choice.',
+                   param=param)
+
+
+def _tool(spec: object, where: str) -> FunctionTool:
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind != "function" or not isinstance(spec.get("function"), dict):
+        raise ApiError(400, f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}; "
+                            f"Claude Code cannot run {kind or 'untyped'} tools.", param=where)
+    return _function_tool(spec["function"], f"{where}.function")
+
+
+def _function_tool(spec: object, where: str) -> FunctionTool:
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise ApiError(400, f"{where}.name must be 1 to 64 letters, digits, underscores or dashes; "
+                            f"got {json.dumps(name)[:80]}.", param=f"{where}.name")
+    description = spec.get("description") or ""
+    if not isinstance(description, str):
+        raise ApiError(400, f"{where}.description must be a string.", param=f"{where}.description")
+    return FunctionTool(name, description, _object_schema(spec.get("parameters"), f"{where}.parameters"))
+
+
+def _object_schema(schema: object, where: str) -> dict:
+    """An arguments schema Claude Code will publish: one bad schema makes it drop every tool."""
+    if schema is None or schema == {}:
+        return dict(NO_PARAMETERS)
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise ApiError(400, f"{where} must be a JSON schema of type \"object\".", param=where)
+    if not isinstance(schema.get("properties", {}), dict):
+        raise ApiError(400, f"{where}.properties must be an object.", param=f"{where}.properties")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        raise ApiError(400, f"{where}.required must be an array of property names.", param=f"{where}.required")
+    return {"type": "object", **schema}
+
+
+def _output_schema(body: dict) -> Optional[dict]:
+    response_format = _optional(body, "response_format", (dict,), None)
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return dict(JSON_OBJECT_SCHEMA)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object.",
+                           param="response_format.json_schema.schema")
+        return _object_schema(spec["schema"], "response_format.json_schema.schema")
+    raise ApiError(400, f"'response_format.type' must be text, json_object or json_schema; got "
+                        f"{json.dumps(kind)[:40]}.", param="response_format.type")
+
+
 def parse_messages(messages: object) -> Tuple[str, List[Turn]]:
-    """Split OpenAI messages into a system prompt and alternating Anthropic turns."""
+    """Split OpenAI messages into a system prompt and alternating Anthropic turns.
+
+    Tool calls and their results are paired by the ids this request carries
+    (clients such as OpenClaw rewrite ids, so none is remembered between
+    requests), and every call must be answered before the conversation goes
+    on, as OpenAI requires and Claude does too.
+    """
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
     system_parts: List[str] = []
     turns: List[Turn] = []
+    unanswered: Dict[str, str] = {}  # tool_use id → where the call was made
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -327,12 +471,16 @@ def parse_messages(messages: object) -> Tuple[str, List[Turn]]:
         if role in ("system", "developer"):
             system_parts.append(_plain_text(message.get("content"), where))
             continue
-        if role == "user":
+        if role in ("tool", "function"):
+            turn = Turn("user", [_tool_result_block(message, where, unanswered)])
+        elif unanswered:
+            call_id, call_where = next(iter(unanswered.items()))
+            raise ApiError(400, f"{call_where} (id '{call_id}') has no tool message answering it before "
+                                f"{where}.", param=call_where)
+        elif role == "user":
             turn = Turn("user", _user_blocks(message.get("content"), where))
         elif role == "assistant":
-            turn = Turn("assistant", _assistant_blocks(message, where))
-        elif role == "tool":
-            turn = Turn("user", [_tool_result_block(message, where)])
+            turn = Turn("assistant", _assistant_blocks(message, where, unanswered))
         else:
             raise ApiError(400, f"{where} has an unknown role '{role}'; use system, developer, "
                                 "user, assistant or tool.", param=f"{where}.role")
@@ -416,14 +564,17 @@ def _image_block(image_url: object, where: str) -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def _assistant_blocks(message: dict, where: str) -> list:
+def _assistant_blocks(message: dict, where: str, unanswered: Dict[str, str]) -> list:
     text = _plain_text(message.get("content"), where)
     blocks = [{"type": "text", "text": text}] if text else []
     tool_calls = message.get("tool_calls") or []
     if not isinstance(tool_calls, list):
         raise ApiError(400, f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
-    for i, call in enumerate(tool_calls):
-        here = f"{where}.tool_calls[{i}]"
+    calls = [(f"{where}.tool_calls[{i}]", call) for i, call in enumerate(tool_calls)]
+    if message.get("function_call") is not None:  # legacy: one call, answered by a "function" message
+        calls.append((f"{where}.function_call",
+                      {"id": "call_" + where.replace("[", "_").rstrip("]"), "function": message["function_call"]}))
+    for here, call in calls:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"] \
                 or not isinstance(function.get("name"), str) or not function["name"]:
@@ -436,17 +587,41 @@ def _assistant_blocks(message: dict, where: str) -> list:
         if not isinstance(tool_input, dict):
             raise ApiError(400, f"{here}.function.arguments must be a JSON object.",
                            param=f"{here}.function.arguments")
-        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": tool_input})
+        tool_use_id = _tool_use_id(call["id"])
+        unanswered[tool_use_id] = here
+        blocks.append({"type": "tool_use", "id": tool_use_id, "name": function["name"], "input": tool_input})
     return blocks
 
 
-def _tool_result_block(message: dict, where: str) -> dict:
-    tool_call_id = message.get("tool_call_id")
-    if not isinstance(tool_call_id, str) or not tool_call_id:
-        raise ApiError(400, f"{where} is a tool message without a 'tool_call_id'.",
-                       param=f"{where}.tool_call_id")
-    return {"type": "tool_result", "tool_use_id": tool_call_id,
-            "content": _plain_text(message.get("content"), where)}
+def _tool_result_block(message: dict, where: str, unanswered: Dict[str, str]) -> dict:
+    if message["role"] == "function":  # legacy: answers the one open function_call
+        legacy = [call_id for call_id, call_where in unanswered.items() if call_where.endswith(".function_call")]
+        if not legacy:
+            raise ApiError(400, f"{where} is a function message, but no assistant function_call is "
+                                "waiting for it.", param=where)
+        tool_use_id = legacy[0]
+    else:
+        tool_call_id = message.get("tool_call_id")
+        if not isinstance(tool_call_id, str) or not tool_call_id:
+            raise ApiError(400, f"{where} is a tool message without a 'tool_call_id'.",
+                           param=f"{where}.tool_call_id")
+        tool_use_id = _tool_use_id(tool_call_id)
+        if tool_use_id not in unanswered:
+            raise ApiError(400, f"{where} answers tool_call_id '{tool_call_id}', which no tool call of the "
+                                "assistant message before it has (or another tool message answered).",
+                           param=f"{where}.tool_call_id")
+    del unanswered[tool_use_id]
+    block = {"type": "tool_result", "tool_use_id": tool_use_id}
+    content = _plain_text(message.get("content"), where)
+    return dict(block, content=content) if content else block
+
+
+def _tool_use_id(given: str) -> str:
+    """The client's call id, made safe for Claude; different ids stay different."""
+    if TOOL_USE_ID.fullmatch(given):
+        return given
+    digest = hashlib.sha1(given.encode("utf-8", "replace")).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', given)}_{digest}"
 
 
 # ── 5. The CLI process: CliSettings → a running `claude -p` (I/O) ───────────
@@ -458,18 +633,28 @@ CLI_FLAGS = ("-p", "--input-format=stream-json", "--output-format=stream-json", 
              "--disable-slash-commands", "--no-session-persistence")
 BILLING_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 EXIT_GRACE_SECONDS = 2.0
+# The client's functions reach Claude as tools of an MCP server that lives in
+# this process and speaks over the control channel (PROTOCOL.md §8.3). The CLI
+# asks us before any of them runs, and we always refuse (§8.4).
+TOOL_SERVER = "client"
+TOOL_FLAGS = ("--mcp-config=" + json.dumps({"mcpServers": {TOOL_SERVER: {"type": "sdk", "name": TOOL_SERVER}}}),
+              "--permission-prompt-tool=stdio")
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for initialize.jsonSchema (§6.4)
 
 
 def build_cli_argv(claude: str, settings: CliSettings) -> List[str]:
     argv = [claude, *CLI_FLAGS, f"--model={settings.model}"]
     if settings.effort:
         argv.append(f"--effort={settings.effort}")
+    if settings.tools:
+        argv.extend(TOOL_FLAGS)
     return argv
 
 
 def build_cli_env(environ: Mapping[str, str], config: Config, settings: CliSettings) -> dict:
     env = {k: v for k, v in environ.items() if config.use_api_key or k not in BILLING_VARIABLES}
     env["CLAUDE_CODE_MAX_RETRIES"] = str(config.max_retries)
+    env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # Claude sees get_weather, not mcp__client__get_weather
     env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")  # no telemetry; starts faster
     if settings.max_tokens is not None:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(settings.max_tokens)
@@ -514,6 +699,54 @@ def control_line(request_id: str, subtype: str, **fields) -> bytes:
                        "request": {"subtype": subtype, **fields}})
 
 
+def initialize_line(settings: CliSettings) -> bytes:
+    # The system prompt goes on stdin, not argv: clients send tens of KB of it.
+    fields: dict = {"systemPrompt": settings.system_prompt}
+    if settings.tools:
+        fields["sdkMcpServers"] = [TOOL_SERVER]
+    if settings.output_schema is not None:
+        fields["jsonSchema"] = settings.output_schema
+    return control_line("init", "initialize", **fields)
+
+
+def control_reply(request_id: str, response: Optional[dict] = None, error: Optional[str] = None) -> bytes:
+    if error is not None:
+        return stdin_line({"type": "control_response", "response": {
+            "subtype": "error", "request_id": request_id, "error": error}})
+    return stdin_line({"type": "control_response", "response": {
+        "subtype": "success", "request_id": request_id, "response": response or {}}})
+
+
+def deny_tool_line(request_id: str) -> bytes:
+    """Refuse a tool run and end the turn: the client runs its functions itself."""
+    return control_reply(request_id, {"behavior": "deny", "message": "The client runs this function.",
+                                      "interrupt": True})
+
+
+def mcp_reply(message: dict, tools: Sequence[FunctionTool]) -> dict:
+    """Answer the CLI's JSON-RPC message to our tool server ({} for a notification)."""
+    method, request_id = message.get("method"), message.get("id")
+    if request_id is None:
+        return {}
+    if method == "initialize":
+        version = (message.get("params") or {}).get("protocolVersion") or "2025-11-25"
+        result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                  "serverInfo": {"name": TOOL_SERVER, "version": __version__}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": tool.name, "description": tool.description, "inputSchema": tool.parameters}
+                            for tool in tools]}
+    else:  # tools/call cannot come: every run is refused first
+        return {"jsonrpc": "2.0", "id": request_id,
+                "error": {"code": -32601, "message": f"{method} is not served by claude-max-proxy"}}
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def dropped_tools(init: dict, tools: Sequence[FunctionTool]) -> List[str]:
+    """The client's tools that the CLI left out of its session (it drops a tool whose schema it rejects)."""
+    offered = set(init.get("tools") or ())
+    return [tool.name for tool in tools if tool.name not in offered]
+
+
 def read_cli_version(config: Config) -> str:
     """Run `claude --version`; raise RuntimeError with a one-line fix if it cannot run."""
     env = build_cli_env(os.environ, config, CliSettings(model="sonnet"))
@@ -551,6 +784,13 @@ class ClaudeProcess:
         self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
         self._lock = threading.Lock()
         self.turn_finished = False
+        self.tools = settings.tools
+        # Tool runs the CLI asks us about are refused only once Claude's message
+        # is complete: refusing ends the turn, which would cut off the calls
+        # Claude is still writing.
+        self.held_permissions: List[str] = []
+        self.message_streaming = False
+        self.ending = False
         try:
             self.popen = subprocess.Popen(
                 build_cli_argv(config.claude, settings), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -561,8 +801,7 @@ class ClaudeProcess:
             raise ApiError(502, f"Could not start the Claude Code CLI: {exc}", code="cli_failed") from None
         threading.Thread(target=self._read_stdout, name=f"cli-out-{self.popen.pid}", daemon=True).start()
         threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
-        # The system prompt goes on stdin, not argv: clients send tens of KB of it.
-        self.write(control_line("init", "initialize", systemPrompt=settings.system_prompt))
+        self.write(initialize_line(settings))
 
     def _read_stdout(self):
         with self.popen.stdout:  # closed here: another thread closing it could block on its lock
@@ -583,7 +822,19 @@ class ClaudeProcess:
         self._stdin.put(data)
 
     def next_event(self, timeout: float) -> Optional[dict]:
-        """The next stdout line as a dict, or None if nothing came within `timeout`."""
+        """The next stdout line as a dict, or None if nothing came within `timeout`.
+
+        The CLI's own requests to us (tool server messages, permission to run
+        a tool) are answered here and not returned.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self._read_event(deadline - time.monotonic())
+            if event is None or event.get("type") != "control_request":
+                return event
+            self._answer(event.get("request_id"), event.get("request") or {})
+
+    def _read_event(self, timeout: float) -> Optional[dict]:
         try:
             raw = self._lines.get(timeout=max(timeout, 0))
         except queue.Empty:
@@ -598,9 +849,40 @@ class ClaudeProcess:
         if not isinstance(event, dict):
             raise ApiError(502, "The Claude Code CLI printed something that is not stream-json: "
                                       f"{raw[:200].decode('utf-8', 'replace').strip()!r}", code="cli_bad_output")
-        if event.get("type") == "result":
+        kind = event.get("type")
+        if kind == "result":
             self.turn_finished = True
+        elif kind == "stream_event":
+            stream_kind = (event.get("event") or {}).get("type")
+            if stream_kind == "message_start":
+                self.message_streaming = True
+            elif stream_kind == "message_stop":
+                self.message_streaming = False
+                self._refuse_held_permissions()
+        elif kind == "system" and event.get("subtype") == "init" and self.tools:
+            dropped = dropped_tools(event, self.tools)
+            if dropped:
+                raise ApiError(400, f"Claude Code rejected the JSON schema of {', '.join(dropped)}; check the "
+                                    "tool's 'parameters' against JSON Schema.", param="tools",
+                               code="invalid_tool_schema")
         return event
+
+    def _answer(self, request_id: str, request: dict):
+        subtype = request.get("subtype")
+        if subtype == "mcp_message":
+            self.write(control_reply(request_id, {"mcp_response": mcp_reply(request.get("message") or {},
+                                                                            self.tools)}))
+        elif subtype == "can_use_tool":
+            self.held_permissions.append(request_id)
+            if self.ending or not self.message_streaming:
+                self._refuse_held_permissions()
+        else:
+            self.write(control_reply(request_id, error=f"claude-max-proxy does not handle {subtype}"))
+
+    def _refuse_held_permissions(self):
+        for request_id in self.held_permissions:
+            self.write(deny_tool_line(request_id))
+        self.held_permissions.clear()
 
     def send_conversation(self, history: Sequence[Turn], prompt: Turn, deadline: float):
         """Seed earlier turns, then ask the prompt (PROTOCOL.md §3.3).
@@ -627,7 +909,10 @@ class ClaudeProcess:
             if event.get("type") == "result":
                 return
 
-    def interrupt(self):
+    def end_turn(self):
+        """Stop Claude here: the proxy has all of the answer it will send."""
+        self.ending = True
+        self._refuse_held_permissions()
         self.write(control_line("stop", "interrupt"))
 
     def close(self):
@@ -702,11 +987,27 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    index: int                  # which call of this answer, from 0
+    arguments: str              # the next piece of its JSON arguments
+    id: Optional[str] = None    # id and name come with a call's first piece only
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True)
 class TurnEnd:
-    stop_reason: Optional[str]  # Claude's: end_turn, max_tokens, stop_sequence, ...
+    stop_reason: Optional[str]  # Claude's: end_turn, max_tokens, stop_sequence, tool_use, ...
     usage: Usage
     text: str = ""       # the whole answer, as sent
     reasoning: str = ""  # the whole thinking, as sent
+    tool_calls: Tuple[ToolCall, ...] = ()
 
 
 RATE_LIMIT_RETRY_SECONDS = 60
@@ -778,16 +1079,22 @@ class TurnTranslator:
 
     `live` means the text goes straight to a client and cannot be retracted;
     otherwise a restarted stream simply starts the answer over. `ended_by`
-    is set when the proxy ends the turn itself, on a client stop sequence or
-    on Claude's max_tokens stop (after which the CLI would ask Claude to go
-    on, up to three more times); the caller then interrupts the CLI.
+    is set when the proxy ends the turn itself: on a client stop sequence, on
+    Claude's max_tokens stop (after which the CLI would ask Claude to go on,
+    up to three more times), or once Claude has written its tool calls (which
+    the client runs, not the CLI); the caller then ends the CLI's turn.
+    `structured` answers take their content from the CLI's StructuredOutput
+    tool, so the text around it is not sent.
     """
 
-    def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time):
+    def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time,
+                 one_tool_call: bool = False, structured: bool = False):
         self.live = live
         self.clock = clock
         self.stop_sequences = tuple(stop)
-        self.ended_by: Optional[str] = None  # "stop_sequence" or "max_tokens"
+        self.one_tool_call = one_tool_call
+        self.structured = structured
+        self.ended_by: Optional[str] = None  # "stop_sequence", "max_tokens" or "tool_use"
         self.stream_usage = Usage()
         self.streamed = False    # the current attempt arrives as stream events
         self.error_kind = None   # from the CLI's synthetic error message
@@ -798,6 +1105,8 @@ class TurnTranslator:
     def _start_answer(self):
         self.content: List[str] = []
         self.reasoning: List[str] = []
+        self.calls: List[Tuple[str, str, List[str]]] = []  # (id, name, argument pieces)
+        self.call_at: Dict[object, int] = {}  # content block → its call, while it is written
         self.guards = {False: ReplayGuard(), True: ReplayGuard()}
         self.scanner = StopScanner(self.stop_sequences)
 
@@ -815,32 +1124,51 @@ class TurnTranslator:
 
     def _stream_event(self, event: dict, line: dict) -> list:
         kind = event.get("type")
+        index = event.get("index")
         if kind == "message_start":
             self.streamed = True
             self.stream_usage = Usage.from_claude((event.get("message") or {}).get("usage"))
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                return self._call_start(index, block)
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
                 return self._text(delta.get("text") or "", reasoning=False)
             if delta.get("type") == "thinking_delta":
                 return self._text(delta.get("thinking") or "", reasoning=True)
+            if delta.get("type") == "input_json_delta":
+                return self._call_arguments(index, delta.get("partial_json") or "")
+        elif kind == "content_block_stop":
+            return self._call_stop(index)
         elif kind == "message_delta":
             self.stream_usage.output_tokens = (event.get("usage") or {}).get("output_tokens") \
                 or self.stream_usage.output_tokens
-            if (event.get("delta") or {}).get("stop_reason") == "max_tokens" and not self.ended_by:
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            if stop_reason == "max_tokens" and not self.ended_by:
                 self.ended_by = "max_tokens"
                 return self._content(self.scanner.flush())
+            if stop_reason == "tool_use" and self.calls and not self.ended_by:
+                self.ended_by = "tool_use"
         elif kind == "message_stop" and line.get("abandoned_blocks") and not self.ended_by:
             self._restart()  # (our own interrupt abandons blocks too; that is no restart)
         return []
 
     def _restart(self):
         self.streamed = False
-        if self.live:
+        if not self.live:
+            self._start_answer()
+        elif self.calls:
+            raise self._diverged()  # a call's id and arguments cannot be replayed
+        else:
             for guard in self.guards.values():
                 guard.restart()
-        else:
-            self._start_answer()
+
+    def _diverged(self) -> ApiError:
+        return ApiError(502, "The upstream stream broke off and Claude's retry wrote a different "
+                             "answer, so what was already sent is incomplete; retry the request.",
+                        code="upstream_stream_restarted")
 
     def _assistant(self, event: dict) -> list:
         message = event.get("message") or {}
@@ -848,23 +1176,53 @@ class TurnTranslator:
             self.error_kind = event.get("error")  # never forwarded as model text
             return []
         if self.streamed:
-            return []  # its text already came as deltas
+            return []  # its text and calls already came as deltas
         # After a dropped stream the CLI may fall back to a non-streaming call:
         # then the answer arrives only as whole blocks.
         out = []
-        for block in message.get("content") or []:
+        for number, block in enumerate(message.get("content") or []):
             if block.get("type") == "text":
                 out += self._text(block.get("text") or "", reasoning=False)
             elif block.get("type") == "thinking":
                 out += self._text(block.get("thinking") or "", reasoning=True)
+            elif block.get("type") == "tool_use":
+                key = (message.get("id"), number)
+                out += self._call_start(key, block)
+                out += self._call_arguments(key, json.dumps(block.get("input") or {}))
+                out += self._call_stop(key)
+        return out
+
+    def _call_start(self, block_key: object, block: dict) -> list:
+        if self.ended_by or (self.structured and block.get("name") == STRUCTURED_OUTPUT_TOOL):
+            return []  # StructuredOutput's input is the answer, sent when the CLI has checked it
+        self.call_at[block_key] = len(self.calls)
+        call_id = block.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+        self.calls.append((call_id, block.get("name") or "", []))
+        return [ToolCallDelta(self.call_at[block_key], "", id=call_id, name=block.get("name") or "")]
+
+    def _call_arguments(self, block_key: object, piece: str) -> list:
+        if block_key not in self.call_at or not piece:
+            return []
+        index = self.call_at[block_key]
+        self.calls[index][2].append(piece)
+        return [ToolCallDelta(index, piece)]
+
+    def _call_stop(self, block_key: object) -> list:
+        if block_key not in self.call_at:
+            return []
+        pieces = self.calls[self.call_at[block_key]][2]
+        out = [] if pieces else self._call_arguments(block_key, "{}")  # no arguments is still an object
+        del self.call_at[block_key]
+        if self.one_tool_call:
+            self.ended_by = "tool_use"
         return out
 
     def _text(self, text: str, reasoning: bool) -> list:
+        if self.structured and not reasoning:
+            return []  # the answer is StructuredOutput's; this is talk around it
         new = self.guards[reasoning].feed(text)
         if new is None and not reasoning:
-            raise ApiError(502, "The upstream stream broke off and Claude's retry wrote a different "
-                                "answer, so the text already sent is incomplete; retry the request.",
-                           code="upstream_stream_restarted")
+            raise self._diverged()
         if new is None:  # rewritten thinking: what was sent stays, the rest of it is not shown
             self.thinking_muted = True
         if self.ended_by or not new or (reasoning and self.thinking_muted):
@@ -886,15 +1244,20 @@ class TurnTranslator:
     def _result(self, result: dict) -> list:
         if self.ended_by:  # we interrupted the CLI; its result reports no usage
             return [self._end(self.ended_by, self.stream_usage)]
-        if result.get("is_error"):
-            raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
         usage = Usage.from_claude(result.get("usage"))
         if not (usage.input_tokens or usage.output_tokens):
             usage = self.stream_usage
+        if self.calls and result.get("terminal_reason") == "aborted_tools":  # we refused to run them
+            return [self._end("tool_use", usage)]
+        if result.get("is_error"):
+            raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
+        if self.structured:  # the JSON the CLI checked against the schema (or, failing that, the text)
+            return self._content(result.get("result") or "") + [self._end("end_turn", usage)]
         return self._content(self.scanner.flush()) + [self._end(result.get("stop_reason"), usage)]
 
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
-        return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning))
+        calls = tuple(ToolCall(call_id, name, "".join(pieces)) for call_id, name, pieces in self.calls)
+        return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning), calls)
 
 
 def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float) -> ApiError:
@@ -952,16 +1315,29 @@ class Reply:
     """What every part of one response shares."""
     model: str
     include_usage: bool = False
+    legacy_functions: bool = False  # function_call instead of tool_calls
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def finish_reason(self, end: TurnEnd) -> str:
+        reason = finish_reason(end.stop_reason)
+        return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
+
     def completion(self, end: TurnEnd) -> dict:
-        message = {"role": "assistant", "content": end.text, "refusal": None}
+        message = {"role": "assistant", "content": end.text or (None if end.tool_calls else ""),
+                   "refusal": None}
         if end.reasoning:
             message["reasoning_content"] = end.reasoning
+        if end.tool_calls and self.legacy_functions:
+            first = end.tool_calls[0]
+            message["function_call"] = {"name": first.name, "arguments": first.arguments}
+        elif end.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function",
+                                      "function": {"name": call.name, "arguments": call.arguments}}
+                                     for call in end.tool_calls]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": finish_reason(end.stop_reason)}],
+                             "finish_reason": self.finish_reason(end)}],
                 "usage": usage_body(end.usage)}
 
     def chunk(self, delta: dict, finish: Optional[str] = None) -> dict:
@@ -974,6 +1350,21 @@ class Reply:
 
     def delta_chunk(self, delta: TextDelta) -> dict:
         return self.chunk({"reasoning_content" if delta.reasoning else "content": delta.text})
+
+    def tool_call_chunk(self, delta: ToolCallDelta) -> dict:
+        """OpenAI's shape: name and id on a call's first fragment, then arguments in pieces."""
+        function = {"arguments": delta.arguments}
+        if delta.name is not None:
+            function = {"name": delta.name, **function}
+        if self.legacy_functions:
+            return self.chunk({"function_call": function})
+        call = {"index": delta.index, "function": function}
+        if delta.id is not None:
+            call = {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+        return self.chunk({"tool_calls": [call]})
+
+    def finish_chunk(self, end: TurnEnd) -> dict:
+        return self.chunk({}, self.finish_reason(end))
 
     def usage_chunk(self, usage: Usage) -> dict:
         return dict(self.chunk({}), choices=[], usage=usage_body(usage))
@@ -1254,13 +1645,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
         request = parse_chat_request(body)
-        reply = Reply(request.model, include_usage=request.include_usage)
+        reply = Reply(request.model, include_usage=request.include_usage,
+                      legacy_functions=request.legacy_functions)
         with self.server.gate.slot():
             deadline = time.monotonic() + self.server.config.timeout
             with self.server.cli_process(request.settings) as cli:
                 try:
                     cli.send_conversation(request.history, request.prompt, deadline)
-                    translator = TurnTranslator(request.stop, live=request.stream)
+                    translator = TurnTranslator(
+                        request.stop, live=request.stream, one_tool_call=request.one_tool_call,
+                        structured=request.settings.output_schema is not None)
                     events = self.turn_events(cli, translator, deadline)
                     if request.stream:
                         self.send_stream(reply, events)
@@ -1273,7 +1667,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise
 
     def turn_events(self, cli: ClaudeProcess, translator: TurnTranslator, deadline: float):
-        """Yield TextDelta and, last, TurnEnd; None after each stretch of silence."""
+        """Yield TextDelta, ToolCallDelta and, last, TurnEnd; None after each stretch of silence."""
         quiet_since = checked = time.monotonic()
         interrupted = False
         while True:
@@ -1299,8 +1693,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if isinstance(out, TurnEnd):
                     return
             if translator.ended_by and not interrupted:
-                interrupted = True  # stop Claude writing past the end we chose
-                cli.interrupt()
+                interrupted = True  # stop Claude (and the CLI) going past the end we chose
+                cli.end_turn()
 
     def send_stream(self, reply: Reply, events):
         for event in events:
@@ -1311,8 +1705,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.write_chunk(b": keep-alive\n\n")
             elif isinstance(event, TextDelta):
                 self.write_sse(reply.delta_chunk(event))
+            elif isinstance(event, ToolCallDelta):
+                self.write_sse(reply.tool_call_chunk(event))
             else:
-                self.write_sse(reply.chunk({}, finish_reason(event.stop_reason)))
+                self.write_sse(reply.finish_chunk(event))
                 if reply.include_usage:
                     self.write_sse(reply.usage_chunk(event.usage))
                 self.end_sse()

@@ -82,6 +82,39 @@ def answer(text="Hello from fake upstream.", pieces=None, thinking=None, stop_re
     return respond
 
 
+def tool_use(*calls, text=None, pause=0.0):
+    """Claude calling tools: each call is (id, name, input). `pause` seconds pass between
+    calls, as with a model still writing the next one."""
+    def respond(handler, body):
+        handler.start_stream()
+        handler.event({"type": "message_start", "message": {
+            "id": "msg_tools", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
+        blocks = ([("text", text)] if text else []) + [("tool_use", call) for call in calls]
+        for index, (kind, value) in enumerate(blocks):
+            if kind == "text":
+                handler.event({"type": "content_block_start", "index": index,
+                               "content_block": {"type": "text", "text": ""}})
+                handler.event({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "text_delta", "text": value}})
+            else:
+                if index and pause:
+                    time.sleep(pause)
+                call_id, name, tool_input = value
+                handler.event({"type": "content_block_start", "index": index, "content_block": {
+                    "type": "tool_use", "id": call_id, "name": name, "input": {}}})
+                arguments = json.dumps(tool_input)
+                for start in range(0, len(arguments), 4):
+                    handler.event({"type": "content_block_delta", "index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": arguments[start:start + 4]}})
+            handler.event({"type": "content_block_stop", "index": index})
+        handler.event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                       "usage": {"output_tokens": 20}})
+        handler.event({"type": "message_stop"})
+        handler.wfile.write(b"0\r\n\r\n")
+    return respond
+
+
 def fail(status, error_type, message, headers=()):
     def respond(handler, body):
         handler.send_json(status, {"type": "error", "error": {"type": error_type, "message": message}},
@@ -357,6 +390,8 @@ if SCENARIO == "crash":
     sys.stderr.write("fatal: out of cheese\n")
     sys.exit(3)
 received = []
+waiting = []  # lines read ahead while the tool server connected
+TOOLS = []  # what the proxy's tool server listed
 
 
 def log(entry):
@@ -374,7 +409,10 @@ def event(e, **extra):
 
 
 def message_start(usage=None):
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [], "model": "claude-sonnet-5-5"})
+    names = [tool["name"] for tool in TOOLS]
+    if SCENARIO == "drops_tools":  # as the real CLI does with a schema it rejects
+        names = names[:-1]
+    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": names, "model": "claude-sonnet-5-5"})
     event({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
            "content": [], "usage": usage or {"input_tokens": 10, "output_tokens": 1}}})
 
@@ -416,6 +454,10 @@ def dropped(*texts):
 
 
 def next_line():
+    return waiting.pop(0) if waiting else read_line()
+
+
+def read_line():
     line = sys.stdin.readline()
     if line:
         received.append(json.loads(line))
@@ -439,6 +481,55 @@ def interrupted():
             emit({"type": "result", "subtype": "error_during_execution", "is_error": True,
                   "terminal_reason": "aborted_streaming", "usage": {"input_tokens": 0, "output_tokens": 0}})
             return True
+
+
+def connect_tool_server():
+    """The CLI's MCP handshake with an sdk server (PROTOCOL.md §8.3)."""
+    for request_id, message in (
+            ("mcp-1", {"method": "initialize", "params": {"protocolVersion": "2025-11-25"}, "jsonrpc": "2.0", "id": 0}),
+            ("mcp-2", {"method": "notifications/initialized", "jsonrpc": "2.0"}),
+            ("mcp-3", {"method": "tools/list", "jsonrpc": "2.0", "id": 1})):
+        emit({"type": "control_request", "request_id": request_id,
+              "request": {"subtype": "mcp_message", "server_name": "client", "message": message}})
+        while True:  # the proxy does not wait for the handshake to send the prompt
+            reply = read_line()
+            if reply["type"] == "control_response" and reply["response"]["request_id"] == request_id:
+                break
+            waiting.append(reply)
+    TOOLS[:] = reply["response"]["response"]["mcp_response"]["result"]["tools"]
+
+
+def tool_block(index, call_id, name, *pieces):
+    event({"type": "content_block_start", "index": index,
+           "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}})
+    for piece in pieces:
+        event({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}})
+    event({"type": "content_block_stop", "index": index})
+
+
+def ask_permission(call_id, name, tool_input):
+    emit({"type": "control_request", "request_id": "perm-" + call_id, "request": {
+        "subtype": "can_use_tool", "tool_name": name, "input": tool_input, "tool_use_id": call_id}})
+
+
+def answered_early():
+    """Whether the proxy answers while Claude is still writing; the real CLI then cuts the message short."""
+    import select
+    return bool(select.select([sys.stdin], [], [], 0.5)[0])
+
+
+def await_permission_reply():
+    while True:
+        line = next_line()
+        if line is None or line["type"] == "control_response" and line["response"]["request_id"].startswith("perm-"):
+            return
+
+
+def refused(output_tokens=20):
+    emit({"type": "user", "message": {"role": "user", "content": [
+        {"type": "text", "text": "[Request interrupted by user for tool use]"}]}})
+    emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "stop_reason": "tool_use",
+          "terminal_reason": "aborted_tools", "usage": {"input_tokens": 10, "output_tokens": output_tokens}})
 
 
 def wait_for_release():
@@ -520,6 +611,45 @@ def answer():
         message_start()
         while next_line() is not None:
             pass
+    elif SCENARIO == "tool_calls":  # text, then two calls, arguments split at awkward places
+        message_start()
+        block()
+        deltas("Let me check.")
+        event({"type": "content_block_stop", "index": 0})
+        tool_block(1, "toolu_1", "get_weather", '{"ci', 'ty": "Z\\u00', 'fcrich"', "}")
+        ask_permission("toolu_1", "get_weather", {"city": "Z\u00fcrich"})
+        if answered_early():
+            log({"answered_early": True})
+            return refused(output_tokens=8)
+        tool_block(2, "toolu_2", "get_time")
+        event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}})
+        event({"type": "message_stop"})
+        await_permission_reply()
+        refused()
+    elif SCENARIO == "tool_call_unstreamed":  # the CLI's non-streaming fallback
+        emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [t["name"] for t in TOOLS]})
+        emit({"type": "assistant", "message": {"id": "msg_2", "model": "claude-sonnet-5-5", "role": "assistant",
+              "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}]}})
+        ask_permission("toolu_9", "get_weather", {"city": "Oslo"})
+        await_permission_reply()
+        refused()
+    elif SCENARIO == "structured":  # the CLI's StructuredOutput tool, checked and accepted
+        message_start()
+        block()
+        deltas("Here it is.")
+        event({"type": "content_block_stop", "index": 0})
+        tool_block(1, "toolu_s", "StructuredOutput", '{"name": ', '"Alice"}')
+        event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})
+        event({"type": "message_stop"})
+        emit({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s",
+              "content": "Structured output provided successfully"}]}})
+        emit({"type": "result", "subtype": "success", "is_error": False, "stop_reason": "tool_use",
+              "terminal_reason": "completed", "result": '{"name":"Alice"}', "structured_output": {"name": "Alice"},
+              "usage": {"input_tokens": 10, "output_tokens": 9}})
+    elif SCENARIO == "drops_tools":
+        message_start()
+        while next_line() is not None:
+            pass
     elif SCENARIO == "rate_limit":
         emit({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": time.time() + 120}})
         api_error("API Error: Request rejected (429) · slow down", "rate_limit", 429)
@@ -547,8 +677,10 @@ while True:
     if line["type"] == "control_request":
         emit({"type": "control_response", "response": {"subtype": "success", "request_id": line["request_id"],
               "response": {}}})
+        if line["request"].get("sdkMcpServers"):
+            connect_tool_server()
     elif line["type"] == "user" and line.get("shouldQuery") is False:
-        emit({"type": "system", "subtype": "init", "cwd": os.getcwd()})
+        emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [t["name"] for t in TOOLS]})
         log({"emitted": "history result"})
         emit({"type": "result", "subtype": "success", "is_error": False, "result": "", "num_turns": 0,
               "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}})
@@ -807,6 +939,143 @@ def test_stop_accepts_a_string_or_a_list():
     assert parse(stop=["a", "b"]).stop == ("a", "b")
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                   "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}  # no description, no parameters
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+
+
+def test_tools_keep_their_names_descriptions_and_schemas():
+    tools = parse(tools=[WEATHER, CLOCK]).settings.tools
+    assert tools == (cmp.FunctionTool("get_weather", "Weather for a city.", WEATHER["function"]["parameters"]),
+                     cmp.FunctionTool("get_time", "", {"type": "object", "properties": {}}))
+
+
+@pytest.mark.parametrize("choice, offered, instruction", [
+    (None, ["get_weather", "get_time"], ""),
+    ("auto", ["get_weather", "get_time"], ""),
+    ("none", [], ""),
+    ("required", ["get_weather", "get_time"], "Respond by calling one or more of the available functions"),
+    ({"type": "function", "function": {"name": "get_time"}}, ["get_time"], "Respond by calling the function `get_time`"),
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "get_weather"}}]}}, ["get_weather"], ""),
+])
+def test_tool_choice_decides_what_claude_is_offered_and_told(choice, offered, instruction):
+    settings = parse(messages=[{"role": "system", "content": "Be brief."}, USER], tools=[WEATHER, CLOCK],
+                     tool_choice=choice).settings
+    assert [tool.name for tool in settings.tools] == offered
+    assert settings.system_prompt.startswith("Be brief.") and instruction in settings.system_prompt
+    assert bool(instruction) == (settings.system_prompt != "Be brief.")
+
+
+def test_legacy_functions_become_tools_answered_one_call_at_a_time():
+    request = parse(functions=[WEATHER["function"]], function_call={"name": "get_weather"})
+    assert [tool.name for tool in request.settings.tools] == ["get_weather"]
+    assert request.legacy_functions and request.one_tool_call
+    assert "`get_weather`" in request.settings.system_prompt
+
+
+def test_parallel_tool_calls_false_allows_one_call():
+    assert parse(tools=[WEATHER], parallel_tool_calls=False).one_tool_call
+    assert not parse(tools=[WEATHER]).one_tool_call
+
+
+@pytest.mark.parametrize("response_format, schema", [
+    (None, None),
+    ({"type": "text"}, None),
+    ({"type": "json_object"}, {"type": "object"}),
+    ({"type": "json_schema", "json_schema": {"name": "Person", "strict": True, "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+     {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}),
+])
+def test_response_format_becomes_the_output_schema(response_format, schema):
+    assert parse(response_format=response_format).settings.output_schema == schema
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "x" * 65}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": []}}}]},
+     "tools[0].function.parameters.properties"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "a"}}}]},
+     "tools[0].function.parameters.required"),
+    ({"tools": [CLOCK, CLOCK]}, "tools"),
+    ({"tools": [CLOCK], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+])
+def test_bad_tools_and_formats_are_400s_naming_the_field(fields, param):
+    with pytest.raises(ApiError) as caught:
+        parse(**fields)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_tool_history_is_paired_by_the_ids_the_request_carries():
+    request = parse(messages=[USER, dict(CALL, content="Checking.", tool_calls=CALL["tool_calls"] + [
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]),
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "noon"}]},
+        RESULT, {"role": "user", "content": "thanks"}])
+    assert request.history[1].content == [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}},
+        {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}]
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
+                                      {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+                                      {"type": "text", "text": "thanks"}]
+
+
+def test_ids_claude_would_reject_are_made_safe_and_stay_distinct():
+    calls = [{"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+             for call_id in ("call.1", "call:1", "toolu_bdrk_01-ok")]
+    request = parse(messages=[USER, {"role": "assistant", "tool_calls": calls},
+                              *({"role": "tool", "tool_call_id": c["id"], "content": "r"} for c in calls)])
+    used = [block["id"] for block in request.history[1].content]
+    assert used[2] == "toolu_bdrk_01-ok" and len(set(used)) == 3
+    assert all(cmp.TOOL_USE_ID.fullmatch(i) for i in used)
+    assert [block["tool_use_id"] for block in request.prompt.content] == used
+
+
+def test_legacy_function_messages_answer_the_function_call():
+    request = parse(messages=[USER, {"role": "assistant", "content": None, "function_call": {
+        "name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+        {"role": "function", "name": "get_weather", "content": "sunny"}])
+    call = request.history[1].content[0]
+    assert (call["type"], call["name"], call["input"]) == ("tool_use", "get_weather", {"city": "Rome"})
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}]
+
+
+@pytest.mark.parametrize("messages, param, says", [
+    ([USER, CALL, USER], "messages[1].tool_calls[0]", "no tool message answering it"),
+    ([USER, CALL, {"role": "tool", "tool_call_id": "call_9", "content": "x"}], "messages[2].tool_call_id", "call_9"),
+    ([USER, CALL, RESULT, RESULT], "messages[3].tool_call_id", "call_1"),
+    ([USER, {"role": "function", "name": "f", "content": "x"}], "messages[1]", "no assistant function_call"),
+])
+def test_unpaired_tool_messages_are_400s_as_at_openai(messages, param, says):
+    with pytest.raises(ApiError) as caught:
+        parse(messages=messages)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert says in caught.value.message
+
+
+def test_thinking_is_off_for_the_turn_that_carries_tool_results():
+    assert not parse(messages=[USER, CALL, RESULT], tools=[WEATHER]).settings.thinking
+    assert parse(messages=[USER, CALL, RESULT, {"role": "assistant", "content": "Sunny."}, USER],
+                 tools=[WEATHER]).settings.thinking
+
+
 # ── 5. The CLI process ──────────────────────────────────────────────────────
 
 def test_argv_has_no_prompt_and_only_flag_equals_value_forms():
@@ -827,6 +1096,37 @@ def test_billing_variables_are_removed_unless_asked_for():
             env["CLAUDE_CODE_DISABLE_THINKING"]) == ("1", "64", "1")
     kept = cmp.build_cli_env(environ, Config(use_api_key=True), settings)
     assert kept["ANTHROPIC_API_KEY"] == "sk" and kept["ANTHROPIC_AUTH_TOKEN"] == "t"
+
+
+def test_tools_add_the_tool_server_flags_and_initialize_fields():
+    tool = cmp.FunctionTool("get_time", "", {"type": "object", "properties": {}})
+    plain = cmp.CliSettings(model="opus")
+    assert not set(cmp.TOOL_FLAGS) & set(cmp.build_cli_argv("claude", plain))
+    with_tools = cmp.CliSettings(model="opus", tools=(tool,), output_schema={"type": "object"})
+    assert cmp.build_cli_argv("claude", with_tools)[-2:] == list(cmp.TOOL_FLAGS)
+    init = json.loads(cmp.initialize_line(with_tools))["request"]
+    assert (init["sdkMcpServers"], init["jsonSchema"]) == ([cmp.TOOL_SERVER], {"type": "object"})
+    assert "sdkMcpServers" not in json.loads(cmp.initialize_line(plain))["request"]
+    assert cmp.build_cli_env({}, Config(), plain)["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] == "1"
+
+
+def test_the_tool_server_lists_the_client_tools_and_runs_none():
+    tool = cmp.FunctionTool("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})
+    listed = cmp.mcp_reply({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, [tool])
+    assert listed == {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+        {"name": "get_weather", "description": "Weather.", "inputSchema": tool.parameters}]}}
+    hello = cmp.mcp_reply({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                           "params": {"protocolVersion": "2025-11-25"}}, [tool])
+    assert hello["result"]["protocolVersion"] == "2025-11-25" and "tools" in hello["result"]["capabilities"]
+    assert cmp.mcp_reply({"jsonrpc": "2.0", "method": "notifications/initialized"}, [tool]) == {}
+    call = cmp.mcp_reply({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_weather"}}, [tool])
+    assert call["error"]["code"] == -32601
+
+
+def test_tools_the_cli_left_out_are_found_in_its_init_line():
+    tools = [cmp.FunctionTool(name, "", {"type": "object"}) for name in ("a", "b")]
+    assert cmp.dropped_tools({"type": "system", "subtype": "init", "tools": ["a"]}, tools) == ["b"]
+    assert cmp.dropped_tools({"type": "system", "subtype": "init", "tools": ["b", "a"]}, tools) == []
 
 
 # ── 6. Claude's events ──────────────────────────────────────────────────────
@@ -955,6 +1255,85 @@ def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_str
     assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a")]
 
 
+
+def tool_use_start(index, call_id, name):
+    return stream_event({"type": "content_block_start", "index": index,
+                         "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}})
+
+
+def arguments(index, piece):
+    return stream_event({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "input_json_delta", "partial_json": piece}})
+
+
+def block_stop(index):
+    return stream_event({"type": "content_block_stop", "index": index})
+
+
+def tool_use_stop(output_tokens=20):
+    return stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                         "usage": {"output_tokens": output_tokens}})
+
+
+REFUSED = {"type": "result", "subtype": "error_during_execution", "is_error": True, "stop_reason": "tool_use",
+           "terminal_reason": "aborted_tools", "usage": {"input_tokens": 10, "output_tokens": 20}}
+TWO_CALLS = [message_start(), text_delta("Checking."), block_stop(0),
+             tool_use_start(1, "toolu_1", "get_weather"), arguments(1, '{"ci'), arguments(1, 'ty": "Z\\u00'),
+             arguments(1, 'fcrich"}'), block_stop(1),
+             tool_use_start(2, "toolu_2", "get_time"), block_stop(2), tool_use_stop()]
+
+
+def test_tool_calls_stream_as_fragments_and_end_the_turn():
+    translator, out = translate(TWO_CALLS)
+    assert out == [TextDelta("Checking."),
+                   cmp.ToolCallDelta(0, "", id="toolu_1", name="get_weather"), cmp.ToolCallDelta(0, '{"ci'),
+                   cmp.ToolCallDelta(0, 'ty": "Z\\u00'), cmp.ToolCallDelta(0, 'fcrich"}'),
+                   cmp.ToolCallDelta(1, "", id="toolu_2", name="get_time"), cmp.ToolCallDelta(1, "{}")]
+    assert translator.ended_by == "tool_use"  # the caller ends the CLI's turn: the client runs the tools
+    end = translator.feed(REFUSED)[-1]
+    assert (end.stop_reason, end.text) == ("tool_use", "Checking.")
+    assert end.tool_calls == (cmp.ToolCall("toolu_1", "get_weather", '{"city": "Z\\u00fcrich"}'),
+                              cmp.ToolCall("toolu_2", "get_time", "{}"))
+    assert json.loads(end.tool_calls[0].arguments) == {"city": "Zürich"}
+
+
+def test_one_tool_call_ends_the_turn_after_the_first():
+    translator, out = translate(TWO_CALLS, one_tool_call=True)
+    assert [o.index for o in out if isinstance(o, cmp.ToolCallDelta)] == [0, 0, 0, 0]
+    assert translator.feed(REFUSED)[-1].tool_calls == (
+        cmp.ToolCall("toolu_1", "get_weather", '{"city": "Z\\u00fcrich"}'),)
+
+
+def test_a_refused_call_from_the_non_streaming_fallback_ends_with_tool_calls():
+    fallback = {"type": "assistant", "message": {"id": "msg_2", "content": [
+        {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}]}}
+    _, out = translate([fallback, REFUSED])
+    assert out[-1].stop_reason == "tool_use"
+    assert out[-1].tool_calls == (cmp.ToolCall("toolu_9", "get_weather", '{"city": "Oslo"}'),)
+
+
+def test_a_restart_after_a_call_was_sent_fails_a_live_stream():
+    lines = [message_start(), tool_use_start(0, "toolu_1", "f"), arguments(0, "{}"), ABANDONED,
+             message_start(), tool_use_start(0, "toolu_2", "f"), arguments(0, "{}"), block_stop(0),
+             tool_use_stop(), REFUSED]
+    with pytest.raises(ApiError) as caught:
+        translate(lines)
+    assert caught.value.code == "upstream_stream_restarted"
+    _, out = translate(lines, live=False)
+    assert out[-1].tool_calls == (cmp.ToolCall("toolu_2", "f", "{}"),)
+
+
+def test_structured_output_is_the_checked_json_not_the_talk_around_it():
+    lines = [message_start(), text_delta("Here it is."), block_stop(0),
+             tool_use_start(1, "toolu_s", "StructuredOutput"), arguments(1, '{"name": "Alice"}'), block_stop(1),
+             tool_use_stop(), {"type": "user", "message": {"content": [{"type": "tool_result"}]}},
+             success('{"name":"Alice"}', stop_reason="tool_use")]
+    translator, out = translate(lines, structured=True)
+    assert translator.ended_by is None  # the CLI checks the output against the schema itself
+    assert out == [TextDelta('{"name":"Alice"}'),
+                   TurnEnd("end_turn", Usage(input_tokens=10, output_tokens=5), '{"name":"Alice"}')]
+
+
 @pytest.mark.parametrize("lines, status, code", [
     (failure("Not logged in · Please run /login", None, "authentication_failed"), 503, "claude_not_logged_in"),
     (failure("Invalid API key · Fix external API key", 401, "authentication_failed"), 503,
@@ -1010,6 +1389,31 @@ def test_chunks_share_id_created_and_model():
     assert {(c["id"], c["created"], c["model"], c["object"]) for c in chunks} == \
         {(reply.id, reply.created, "openai/claude-opus-4", "chat.completion.chunk")}
     assert chunks[2]["choices"] == [] and chunks[2]["usage"]["total_tokens"] == 0
+
+
+def test_a_completion_with_tool_calls():
+    end = TurnEnd("tool_use", Usage(10, 20), tool_calls=(cmp.ToolCall("toolu_1", "get_time", "{}"),))
+    choice = cmp.Reply("m").completion(end)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    legacy = cmp.Reply("m", legacy_functions=True).completion(end)["choices"][0]
+    assert legacy["finish_reason"] == "function_call"
+    assert legacy["message"]["function_call"] == {"name": "get_time", "arguments": "{}"}
+    assert "tool_calls" not in legacy["message"]
+
+
+def test_tool_call_chunks_carry_id_and_name_on_the_first_fragment_only():
+    reply = cmp.Reply("m")
+    first = reply.tool_call_chunk(cmp.ToolCallDelta(1, "", id="toolu_2", name="get_time"))
+    later = reply.tool_call_chunk(cmp.ToolCallDelta(1, '{"a"'))
+    assert first["choices"][0]["delta"] == {"tool_calls": [
+        {"index": 1, "id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}
+    assert later["choices"][0]["delta"] == {"tool_calls": [{"index": 1, "function": {"arguments": '{"a"'}}]}
+    legacy = cmp.Reply("m", legacy_functions=True)
+    assert legacy.tool_call_chunk(cmp.ToolCallDelta(0, "", id="toolu_2", name="f"))["choices"][0]["delta"] == {
+        "function_call": {"name": "f", "arguments": ""}}
 
 
 # ── 8. The HTTP server, with the fake `claude` (fast) ───────────────────────
@@ -1442,6 +1846,140 @@ def test_access_log_has_one_line_per_request_and_no_prompt_text(client, caplog):
                    for r in caplog.records)
 
 
+# Function calling and structured output, with the fake `claude`.
+
+TOOL_REQUEST = {"tools": [WEATHER, CLOCK], "messages": [{"role": "user", "content": "Weather in Zürich?"}]}
+ZURICH = '{"city": "Z\\u00fcrich"}'  # as Claude wrote it, escape and all
+
+
+def replies_to(fake, prefix) -> list:
+    """What the proxy answered to the fake CLI's control requests whose ids start with `prefix`."""
+    return [line["response"] for line in fake.stdin()
+            if line["type"] == "control_response" and line["response"]["request_id"].startswith(prefix)]
+
+
+def test_tools_reach_claude_as_the_client_defined_them(client, fake):
+    fake.play("tool_calls")
+    assert client.chat(**TOOL_REQUEST).status == 200
+    listed = replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"]
+    assert listed == [{"name": "get_weather", "description": "Weather for a city.",
+                       "inputSchema": WEATHER["function"]["parameters"]},
+                      {"name": "get_time", "description": "", "inputSchema": {"type": "object", "properties": {}}}]
+    argv = fake.log()[0]["argv"]
+    assert "--tools=" in argv and "--permission-prompt-tool=stdio" in argv
+
+
+def test_tool_calls_come_back_in_openai_shape(client, fake):
+    fake.play("tool_calls")
+    body = client.chat(**TOOL_REQUEST).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me check."
+    assert choice["message"]["tool_calls"] == [
+        {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": ZURICH}},
+        {"id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    assert body["usage"]["completion_tokens"] == 20
+    # The run is refused, and only once Claude's message is complete.
+    assert [reply["response"]["behavior"] for reply in replies_to(fake, "perm-")] == ["deny"]
+    assert replies_to(fake, "perm-")[0]["response"]["interrupt"] is True
+    assert not any("answered_early" in entry for entry in fake.log())
+
+
+def test_tool_calls_stream_fragment_by_fragment(client, fake):
+    fake.play("tool_calls")
+    _, frames = client.stream(stream_options={"include_usage": True}, **TOOL_REQUEST)
+    chunks = [f for f in frames if isinstance(f, dict) and f["choices"]]
+    fragments = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [f["index"] for f in fragments] == [0, 0, 0, 0, 0, 1, 1]
+    assert [f for f in fragments if "id" in f] == [
+        {"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 1, "id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]
+    assert all(set(f) == {"index", "function"} and set(f["function"]) == {"arguments"}
+               for f in fragments if "id" not in f)
+    assert [f["function"]["arguments"] for f in fragments if f["index"] == 0][1:] == ['{"ci', 'ty": "Z\\u00', 'fcrich"', "}"]
+    assert "".join(f["function"]["arguments"] for f in fragments if f["index"] == 1) == "{}"
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "tool_calls"
+    assert frames[-2]["usage"]["completion_tokens"] == 20 and frames[-1] == "[DONE]"
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_only(client, fake):
+    fake.play("tool_calls")
+    message = client.chat(parallel_tool_calls=False, **TOOL_REQUEST).json()["choices"][0]["message"]
+    assert [call["id"] for call in message["tool_calls"]] == ["toolu_1"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_functions_get_a_function_call(client, fake, stream):
+    fake.play("tool_calls")
+    body = {"functions": [WEATHER["function"], CLOCK["function"]], "messages": TOOL_REQUEST["messages"]}
+    if not stream:
+        choice = client.chat(**body).json()["choices"][0]
+        assert choice["finish_reason"] == "function_call"
+        assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": ZURICH}
+        return
+    _, frames = client.stream(**body)
+    deltas = [f["choices"][0]["delta"] for f in frames if isinstance(f, dict)]
+    calls = [delta["function_call"] for delta in deltas if "function_call" in delta]
+    assert calls[0] == {"name": "get_weather", "arguments": ""}
+    assert "".join(call["arguments"] for call in calls) == ZURICH
+    assert [f["choices"][0]["finish_reason"] for f in frames if isinstance(f, dict)][-1] == "function_call"
+
+
+def test_a_call_made_without_streaming_is_refused_at_once(start_proxy, fake):
+    fake.play("tool_call_unstreamed")
+    choice = start_proxy(timeout=10).chat(**TOOL_REQUEST).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+def test_tool_choice_none_offers_no_tools(client, fake):
+    fake.play("echo")
+    seen = echo(client.chat(tool_choice="none", **TOOL_REQUEST))
+    assert not set(cmp.TOOL_FLAGS) & set(seen["argv"])
+    assert "sdkMcpServers" not in seen["stdin"][0]["request"]
+
+
+def test_a_named_function_is_the_only_one_offered(client, fake):
+    fake.play("echo")
+    seen = echo(client.chat(tool_choice={"type": "function", "function": {"name": "get_time"}}, **TOOL_REQUEST))
+    assert "`get_time`" in seen["stdin"][0]["request"]["systemPrompt"]
+    listed = replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"]
+    assert [tool["name"] for tool in listed] == ["get_time"]
+
+
+def test_a_follow_up_seeds_the_call_and_its_result(client, fake):
+    fake.play("echo")
+    seen = echo(client.chat(tools=[WEATHER], messages=[USER, CALL, RESULT, {"role": "user", "content": "So?"}]))
+    assistant, prompt = [line for line in seen["stdin"] if line["type"] in ("assistant", "user")][1:]
+    assert assistant["message"]["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}}]
+    assert prompt["message"]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+                                            {"type": "text", "text": "So?"}]
+    assert seen["env"]["CLAUDE_CODE_DISABLE_THINKING"] == "1"
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "Person", "strict": True, "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("response_format", [SCHEMA_FORMAT, {"type": "json_object"}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_is_the_json_claude_produced(client, fake, response_format, stream):
+    fake.play("structured")
+    content, finish = text_and_finish(client, stream, response_format=response_format)
+    assert (content, finish) == ('{"name":"Alice"}', "stop")
+    schema = response_format.get("json_schema", {}).get("schema", {"type": "object"})
+    assert fake.stdin()[0]["request"]["jsonSchema"] == schema
+
+
+def test_a_tool_schema_the_cli_rejects_is_a_400(client, fake):
+    fake.play("drops_tools")
+    reply = client.chat(**TOOL_REQUEST)
+    assert (reply.status, reply.error["code"], reply.error["param"]) == (400, "invalid_tool_schema", "tools")
+    assert "get_time" in reply.error["message"]
+
+
 # ── 8b. Integration: the real CLI against the fake Anthropic API ────────────
 
 def test_real_completion(real_client, upstream):
@@ -1726,3 +2264,86 @@ def test_make_installs_a_launch_agent_that_runs_this_file(tmp_path):
     subprocess.run(["make", "-C", str(HERE), "uninstall-launchagent", f"HOME={home}", "LAUNCHCTL=true"],
                    check=True, capture_output=True)
     assert not (home / "Library" / "LaunchAgents" / "com.claude-max-api.plist").exists()
+
+
+# Function calling and structured output through the real CLI.
+
+def assembled(frames) -> dict:
+    """The assistant message a client builds from streamed chunks."""
+    calls: dict = {}
+    for frame in frames:
+        if not isinstance(frame, dict) or not frame["choices"]:
+            continue
+        for fragment in frame["choices"][0]["delta"].get("tool_calls", []):
+            call = calls.setdefault(fragment["index"], {"id": None, "type": "function",
+                                                        "function": {"name": "", "arguments": ""}})
+            call["id"] = fragment.get("id") or call["id"]
+            call["function"]["name"] += fragment["function"].get("name", "")
+            call["function"]["arguments"] += fragment["function"]["arguments"]
+    return {"role": "assistant", "content": content_of(frames) or None, "tool_calls": list(calls.values())}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_tool_round_trip(real_client, upstream, stream):
+    upstream.script = [tool_use(("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {}),
+                                text="Let me check.", pause=0.5)]
+    upstream.default = answer("Sunny at noon.")
+    question = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Weather and time?"}]
+    if stream:
+        _, frames = real_client.stream(tools=[WEATHER, CLOCK], messages=question)
+        message, finish = assembled(frames), [f["choices"][0]["finish_reason"] for f in frames
+                                              if isinstance(f, dict) and f["choices"]][-1]
+    else:
+        choice = real_client.chat(tools=[WEATHER, CLOCK], messages=question).json()["choices"][0]
+        message, finish = choice["message"], choice["finish_reason"]
+
+    # What Claude was offered: the client's tools, as defined; nothing of Claude Code's own.
+    offered = {tool["name"]: tool for tool in upstream.posts[0]["body"]["tools"]}
+    assert offered.pop("get_weather") == {"name": "get_weather", "description": "Weather for a city.",
+                                          "input_schema": WEATHER["function"]["parameters"]}
+    assert offered.pop("get_time")["input_schema"] == {"type": "object", "properties": {}}
+    assert [tool.get("defer_loading") for tool in offered.values()] == [True]  # the CLI's inert placeholder
+    # What the client got: both calls (the second came 0.5 s after the first), and one upstream call.
+    assert len(upstream.posts) == 1 and finish == "tool_calls"
+    assert message["content"] == "Let me check."
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] \
+        == [("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {})]
+
+    results = [{"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+               {"role": "tool", "tool_call_id": "toolu_2", "content": [{"type": "text", "text": "noon"}]}]
+    reply = real_client.chat(tools=[WEATHER, CLOCK], messages=[*question, message, *results])
+    assert reply.json()["choices"][0]["message"]["content"] == "Sunny at noon."
+    turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
+    assert [block["type"] for block in turns[1]["content"]] == ["text", "tool_use", "tool_use"]
+    assert [(b["id"], b["name"], b["input"]) for b in turns[1]["content"][1:]] == [
+        ("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {})]
+    assert [(b["tool_use_id"], b["content"]) for b in turns[2]["content"] if b["type"] == "tool_result"] == [
+        ("toolu_1", "sunny"), ("toolu_2", "noon")]
+
+
+def test_real_tool_history_reaches_upstream_without_tools(real_client, upstream):
+    reply = real_client.chat(tool_choice="none", tools=[WEATHER],
+                             messages=[USER, CALL, RESULT, {"role": "user", "content": "So?"}])
+    assert reply.status == 200 and upstream.last["tools"] == []
+    turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
+    assert turns[1]["content"] == [{"type": "tool_use", "id": "call_1", "name": "get_weather",
+                                    "input": {"city": "Rome"}}]
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_structured_output(real_client, upstream, stream):
+    upstream.script = [tool_use(("toolu_s", "StructuredOutput", {"name": "Alice"}), text="Here it is.")]
+    content, finish = text_and_finish(real_client, stream, response_format=SCHEMA_FORMAT)
+    assert (json.loads(content), finish) == ({"name": "Alice"}, "stop")
+    structured = [tool for tool in upstream.posts[0]["body"]["tools"] if not tool.get("defer_loading")]
+    assert [(t["name"], t["input_schema"]) for t in structured] == [
+        ("StructuredOutput", SCHEMA_FORMAT["json_schema"]["schema"])]
+
+
+def test_real_schema_the_cli_rejects_is_a_400(real_client, upstream):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}
+    reply = real_client.chat(tools=[bad, CLOCK])
+    assert (reply.status, reply.error["code"]) == (400, "invalid_tool_schema")
+    assert "rejected the JSON schema of f;" in reply.error["message"]

@@ -218,6 +218,7 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; Claude's is no 
 TOOL_USE_ID = re.compile(r"[A-Za-z0-9_-]+")     # what Claude accepts as a tool_use id
 NO_PARAMETERS = {"type": "object", "properties": {}}
 JSON_OBJECT_SCHEMA = {"type": "object"}
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for a response_format (PROTOCOL.md §6.4)
 
 
 @dataclass(frozen=True)
@@ -279,10 +280,15 @@ def parse_chat_request(body: object) -> ChatRequest:
     if temperature is not None and not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}.", param="temperature")
     tools, tool_instruction, legacy = parse_tools(body)
+    output_schema = _output_schema(body)
+    if output_schema is not None and any(tool.name == STRUCTURED_OUTPUT_TOOL for tool in tools):
+        raise ApiError(400, f"A tool named {STRUCTURED_OUTPUT_TOOL} cannot be used with 'response_format': "
+                            "Claude Code answers a response_format through its own tool of that name.",
+                       param="tools")
     history, prompt = tuple(turns[:-1]), turns[-1]
     settings = CliSettings(
         model=cli_model, system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
-        max_tokens=_max_tokens(body), tools=tools, output_schema=_output_schema(body), **_effort(body))
+        max_tokens=_max_tokens(body), tools=tools, output_schema=output_schema, **_effort(body))
     if any(block["type"] == "tool_result" for block in prompt.content):
         # Claude requires the thinking that preceded a tool call to come back
         # with its result, and OpenAI clients do not keep it: answer this turn
@@ -391,8 +397,9 @@ def _tool_choice(choice: object, param: str) -> Tuple[str, Optional[List[str]]]:
         return "required", [choice["function"]["name"]]
     if kind == "allowed_tools" and isinstance(choice.get("allowed_tools"), dict):
         allowed = choice["allowed_tools"]
-        names = [(t.get("function") or {}).get("name") if isinstance(t, dict) else None
-                 for t in allowed.get("tools") or []]
+        tools = allowed.get("tools") if isinstance(allowed.get("tools"), list) else []
+        functions = [tool.get("function") if isinstance(tool, dict) else None for tool in tools]
+        names = [function.get("name") if isinstance(function, dict) else None for function in functions]
         if allowed.get("mode", "auto") in ("auto", "required") and names and all(isinstance(n, str) for n in names):
             return allowed.get("mode", "auto"), names
     raise ApiError(400, f"'{param}' must be \"auto\", \"none\", \"required\", "
@@ -462,7 +469,7 @@ def parse_messages(messages: object) -> Tuple[str, List[Turn]]:
         raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
     system_parts: List[str] = []
     turns: List[Turn] = []
-    unanswered: Dict[str, str] = {}  # tool_use id → where the call was made
+    calls = OpenToolCalls()
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -472,23 +479,22 @@ def parse_messages(messages: object) -> Tuple[str, List[Turn]]:
             system_parts.append(_plain_text(message.get("content"), where))
             continue
         if role in ("tool", "function"):
-            turn = Turn("user", [_tool_result_block(message, where, unanswered)])
-        elif unanswered:
-            call_id, call_where = next(iter(unanswered.items()))
-            raise ApiError(400, f"{call_where} (id '{call_id}') has no tool message answering it before "
-                                f"{where}.", param=call_where)
-        elif role == "user":
-            turn = Turn("user", _user_blocks(message.get("content"), where))
-        elif role == "assistant":
-            turn = Turn("assistant", _assistant_blocks(message, where, unanswered))
-        else:
+            turn = Turn("user", [_tool_result_block(message, where, calls)])
+        elif role not in ("user", "assistant"):
             raise ApiError(400, f"{where} has an unknown role '{role}'; use system, developer, "
                                 "user, assistant or tool.", param=f"{where}.role")
+        else:
+            calls.check_answered(before=where)
+            if role == "user":
+                turn = Turn("user", _user_blocks(message.get("content"), where))
+            else:
+                turn = Turn("assistant", _assistant_blocks(message, where, calls))
         if not turn.content:
             continue  # an empty message carries nothing, and Claude rejects empty text
         if turns and turns[-1].role == turn.role:  # Claude wants roles to alternate
             turn = Turn(turn.role, turns.pop().content + turn.content)
         turns.append(turn)
+    calls.check_answered(before="the end of 'messages'")
     if not turns or turns[-1].role != "user":
         raise ApiError(400, "The last message must be a user (or tool) message with content: "
                             "Claude answers the user's turn.", param="messages")
@@ -564,17 +570,17 @@ def _image_block(image_url: object, where: str) -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def _assistant_blocks(message: dict, where: str, unanswered: Dict[str, str]) -> list:
+def _assistant_blocks(message: dict, where: str, calls: "OpenToolCalls") -> list:
     text = _plain_text(message.get("content"), where)
     blocks = [{"type": "text", "text": text}] if text else []
     tool_calls = message.get("tool_calls") or []
     if not isinstance(tool_calls, list):
         raise ApiError(400, f"{where}.tool_calls must be an array.", param=f"{where}.tool_calls")
-    calls = [(f"{where}.tool_calls[{i}]", call) for i, call in enumerate(tool_calls)]
+    made = [(f"{where}.tool_calls[{i}]", call) for i, call in enumerate(tool_calls)]
     if message.get("function_call") is not None:  # legacy: one call, answered by a "function" message
-        calls.append((f"{where}.function_call",
-                      {"id": "call_" + where.replace("[", "_").rstrip("]"), "function": message["function_call"]}))
-    for here, call in calls:
+        made.append((f"{where}.function_call",
+                     {"id": "call_" + where.replace("[", "_").rstrip("]"), "function": message["function_call"]}))
+    for here, call in made:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"] \
                 or not isinstance(function.get("name"), str) or not function["name"]:
@@ -587,33 +593,67 @@ def _assistant_blocks(message: dict, where: str, unanswered: Dict[str, str]) -> 
         if not isinstance(tool_input, dict):
             raise ApiError(400, f"{here}.function.arguments must be a JSON object.",
                            param=f"{here}.function.arguments")
-        tool_use_id = _tool_use_id(call["id"])
-        unanswered[tool_use_id] = here
-        blocks.append({"type": "tool_use", "id": tool_use_id, "name": function["name"], "input": tool_input})
+        blocks.append({"type": "tool_use", "id": calls.add(call["id"], here), "name": function["name"],
+                       "input": tool_input})
     return blocks
 
 
-def _tool_result_block(message: dict, where: str, unanswered: Dict[str, str]) -> dict:
+def _tool_result_block(message: dict, where: str, calls: "OpenToolCalls") -> dict:
     if message["role"] == "function":  # legacy: answers the one open function_call
-        legacy = [call_id for call_id, call_where in unanswered.items() if call_where.endswith(".function_call")]
-        if not legacy:
-            raise ApiError(400, f"{where} is a function message, but no assistant function_call is "
-                                "waiting for it.", param=where)
-        tool_use_id = legacy[0]
+        tool_use_id = calls.answer_function_call(where)
     else:
         tool_call_id = message.get("tool_call_id")
         if not isinstance(tool_call_id, str) or not tool_call_id:
             raise ApiError(400, f"{where} is a tool message without a 'tool_call_id'.",
                            param=f"{where}.tool_call_id")
-        tool_use_id = _tool_use_id(tool_call_id)
-        if tool_use_id not in unanswered:
-            raise ApiError(400, f"{where} answers tool_call_id '{tool_call_id}', which no tool call of the "
-                                "assistant message before it has (or another tool message answered).",
-                           param=f"{where}.tool_call_id")
-    del unanswered[tool_use_id]
+        tool_use_id = calls.answer(tool_call_id, where)
     block = {"type": "tool_result", "tool_use_id": tool_use_id}
     content = _plain_text(message.get("content"), where)
     return dict(block, content=content) if content else block
+
+
+class OpenToolCalls:
+    """Pairs tool calls with their results by the ids this request carries.
+
+    Clients such as OpenClaw rewrite ids, so none is remembered between
+    requests. Claude wants ids unique in a conversation and made of letters,
+    digits, "_" and "-"; some clients reuse "call_0" every turn, or use other
+    characters, so each call gets a safe, unique id of its own.
+    """
+
+    def __init__(self):
+        self.waiting: Dict[str, Tuple[str, str]] = {}  # the client's id → (Claude's id, where the call is)
+        self.used: set = set()
+
+    def add(self, given: str, where: str) -> str:
+        if given in self.waiting:
+            raise ApiError(400, f"{where} has the id '{given}' of another call in the same message.", param=where)
+        tool_use_id = _tool_use_id(given)
+        if tool_use_id in self.used:
+            tool_use_id = f"{tool_use_id}_{len(self.used)}"
+        self.used.add(tool_use_id)
+        self.waiting[given] = (tool_use_id, where)
+        return tool_use_id
+
+    def answer(self, given: str, where: str) -> str:
+        if given not in self.waiting:
+            raise ApiError(400, f"{where} answers tool_call_id '{given}', which no tool call of the "
+                                "assistant message before it has (or another tool message answered).",
+                           param=f"{where}.tool_call_id")
+        return self.waiting.pop(given)[0]
+
+    def answer_function_call(self, where: str) -> str:
+        legacy = [given for given, (_, call_where) in self.waiting.items() if call_where.endswith(".function_call")]
+        if not legacy:
+            raise ApiError(400, f"{where} is a function message, but no assistant function_call is "
+                                "waiting for it.", param=where)
+        return self.waiting.pop(legacy[0])[0]
+
+    def check_answered(self, before: str):
+        if self.waiting:
+            given, (_, where) = next(iter(self.waiting.items()))
+            raise ApiError(400, f"{where} (id '{given}') has no tool message answering it before {before}.",
+                           param=where)
 
 
 def _tool_use_id(given: str) -> str:
@@ -639,7 +679,6 @@ EXIT_GRACE_SECONDS = 2.0
 TOOL_SERVER = "client"
 TOOL_FLAGS = ("--mcp-config=" + json.dumps({"mcpServers": {TOOL_SERVER: {"type": "sdk", "name": TOOL_SERVER}}}),
               "--permission-prompt-tool=stdio")
-STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for initialize.jsonSchema (§6.4)
 
 
 def build_cli_argv(claude: str, settings: CliSettings) -> List[str]:
@@ -872,10 +911,13 @@ class ClaudeProcess:
         if subtype == "mcp_message":
             self.write(control_reply(request_id, {"mcp_response": mcp_reply(request.get("message") or {},
                                                                             self.tools)}))
-        elif subtype == "can_use_tool":
+        elif subtype == "can_use_tool" and any(tool.name == request.get("tool_name") for tool in self.tools):
             self.held_permissions.append(request_id)
             if self.ending or not self.message_streaming:
                 self._refuse_held_permissions()
+        elif subtype == "can_use_tool":  # not the client's: no tool of Claude Code's own may run
+            self.write(control_reply(request_id, {"behavior": "deny", "interrupt": False,
+                                                  "message": f"There is no tool named {request.get('tool_name')}."}))
         else:
             self.write(control_reply(request_id, error=f"claude-max-proxy does not handle {subtype}"))
 
@@ -1081,17 +1123,20 @@ class TurnTranslator:
     otherwise a restarted stream simply starts the answer over. `ended_by`
     is set when the proxy ends the turn itself: on a client stop sequence, on
     Claude's max_tokens stop (after which the CLI would ask Claude to go on,
-    up to three more times), or once Claude has written its tool calls (which
-    the client runs, not the CLI); the caller then ends the CLI's turn.
-    `structured` answers take their content from the CLI's StructuredOutput
-    tool, so the text around it is not sent.
+    up to three more times), or once Claude has written its calls to the
+    client's `tools` (which the client runs, not the CLI); the caller then
+    ends the CLI's turn. A call to any other name is the CLI's business: it
+    tells Claude there is no such tool. `structured` answers take their
+    content from the CLI's StructuredOutput tool, and the text around it is
+    not sent.
     """
 
     def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time,
-                 one_tool_call: bool = False, structured: bool = False):
+                 tools: Sequence[str] = (), one_tool_call: bool = False, structured: bool = False):
         self.live = live
         self.clock = clock
         self.stop_sequences = tuple(stop)
+        self.tool_names = frozenset(tools)
         self.one_tool_call = one_tool_call
         self.structured = structured
         self.ended_by: Optional[str] = None  # "stop_sequence", "max_tokens" or "tool_use"
@@ -1106,7 +1151,8 @@ class TurnTranslator:
         self.content: List[str] = []
         self.reasoning: List[str] = []
         self.calls: List[Tuple[str, str, List[str]]] = []  # (id, name, argument pieces)
-        self.call_at: Dict[object, int] = {}  # content block → its call, while it is written
+        self.call_blocks: List[int] = []   # the content block of each call
+        self.call_at: Dict[int, int] = {}  # content block → its call, while it is written
         self.guards = {False: ReplayGuard(), True: ReplayGuard()}
         self.scanner = StopScanner(self.stop_sequences)
 
@@ -1152,15 +1198,25 @@ class TurnTranslator:
             if stop_reason == "tool_use" and self.calls and not self.ended_by:
                 self.ended_by = "tool_use"
         elif kind == "message_stop" and line.get("abandoned_blocks") and not self.ended_by:
-            self._restart()  # (our own interrupt abandons blocks too; that is no restart)
+            # (Our own interrupt abandons blocks too; that is no restart.)
+            self._abandon((line["abandoned_blocks"] or {}).get("from_block_index") or 0)
         return []
 
-    def _restart(self):
+    def _abandon(self, first_lost_block: int):
+        """The upstream stream broke off; Claude's blocks from `first_lost_block` on are gone.
+
+        Whole tool calls before it stand, and the CLI goes on to ask to run
+        them. Otherwise it retries the call from the start.
+        """
         self.streamed = False
-        if not self.live:
+        self.call_at.clear()
+        kept = sum(block < first_lost_block for block in self.call_blocks)  # calls come in block order
+        if kept < len(self.calls) and self.live:
+            raise self._diverged()  # a call's id and arguments cannot be taken back
+        if kept:
+            del self.calls[kept:], self.call_blocks[kept:]
+        elif not self.live:
             self._start_answer()
-        elif self.calls:
-            raise self._diverged()  # a call's id and arguments cannot be replayed
         else:
             for guard in self.guards.values():
                 guard.restart()
@@ -1186,33 +1242,34 @@ class TurnTranslator:
             elif block.get("type") == "thinking":
                 out += self._text(block.get("thinking") or "", reasoning=True)
             elif block.get("type") == "tool_use":
-                key = (message.get("id"), number)
-                out += self._call_start(key, block)
-                out += self._call_arguments(key, json.dumps(block.get("input") or {}))
-                out += self._call_stop(key)
+                out += self._call_start(number, block)
+                out += self._call_arguments(number, json.dumps(block.get("input") or {}))
+                out += self._call_stop(number)
         return out
 
-    def _call_start(self, block_key: object, block: dict) -> list:
-        if self.ended_by or (self.structured and block.get("name") == STRUCTURED_OUTPUT_TOOL):
-            return []  # StructuredOutput's input is the answer, sent when the CLI has checked it
-        self.call_at[block_key] = len(self.calls)
-        call_id = block.get("id") or f"call_{uuid.uuid4().hex[:24]}"
-        self.calls.append((call_id, block.get("name") or "", []))
-        return [ToolCallDelta(self.call_at[block_key], "", id=call_id, name=block.get("name") or "")]
-
-    def _call_arguments(self, block_key: object, piece: str) -> list:
-        if block_key not in self.call_at or not piece:
+    def _call_start(self, block_index: int, block: dict) -> list:
+        if self.ended_by or block.get("name") not in self.tool_names:
             return []
-        index = self.call_at[block_key]
+        # Text held back for a stop sequence is complete: the call comes after it.
+        out = self._content(self.scanner.flush())
+        self.call_at[block_index] = len(self.calls)
+        self.call_blocks.append(block_index)
+        self.calls.append((block.get("id") or f"call_{uuid.uuid4().hex[:24]}", block["name"], []))
+        return out + [ToolCallDelta(self.call_at[block_index], "", id=self.calls[-1][0], name=block["name"])]
+
+    def _call_arguments(self, block_index: int, piece: str) -> list:
+        if block_index not in self.call_at or not piece:
+            return []
+        index = self.call_at[block_index]
         self.calls[index][2].append(piece)
         return [ToolCallDelta(index, piece)]
 
-    def _call_stop(self, block_key: object) -> list:
-        if block_key not in self.call_at:
+    def _call_stop(self, block_index: int) -> list:
+        if block_index not in self.call_at:
             return []
-        pieces = self.calls[self.call_at[block_key]][2]
-        out = [] if pieces else self._call_arguments(block_key, "{}")  # no arguments is still an object
-        del self.call_at[block_key]
+        pieces = self.calls[self.call_at[block_index]][2]
+        out = [] if pieces else self._call_arguments(block_index, "{}")  # no arguments is still an object
+        del self.call_at[block_index]
         if self.one_tool_call:
             self.ended_by = "tool_use"
         return out
@@ -1242,17 +1299,21 @@ class TurnTranslator:
         return [TextDelta(text)]
 
     def _result(self, result: dict) -> list:
-        if self.ended_by:  # we interrupted the CLI; its result reports no usage
+        if self.ended_by:  # we ended the turn; an interrupted turn's result may report no usage
             return [self._end(self.ended_by, self.stream_usage)]
         usage = Usage.from_claude(result.get("usage"))
         if not (usage.input_tokens or usage.output_tokens):
             usage = self.stream_usage
-        if self.calls and result.get("terminal_reason") == "aborted_tools":  # we refused to run them
+        if self.calls and result.get("terminal_reason") == "aborted_tools":
+            # We refused the calls before we saw Claude's stop reason: its
+            # message came whole (the non-streaming fallback) or broke off.
             return [self._end("tool_use", usage)]
         if result.get("is_error"):
             raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
-        if self.structured:  # the JSON the CLI checked against the schema (or, failing that, the text)
+        if self.structured and result.get("structured_output") is not None:  # checked against the schema
             return self._content(result.get("result") or "") + [self._end("end_turn", usage)]
+        if self.structured:  # Claude answered in words twice, and the CLI took them (PROTOCOL.md §6.4)
+            return self._content(result.get("result") or "") + [self._end(result.get("stop_reason"), usage)]
         return self._content(self.scanner.flush()) + [self._end(result.get("stop_reason"), usage)]
 
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
@@ -1653,8 +1714,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 try:
                     cli.send_conversation(request.history, request.prompt, deadline)
                     translator = TurnTranslator(
-                        request.stop, live=request.stream, one_tool_call=request.one_tool_call,
-                        structured=request.settings.output_schema is not None)
+                        request.stop, live=request.stream, tools=[tool.name for tool in request.settings.tools],
+                        one_tool_call=request.one_tool_call, structured=request.settings.output_schema is not None)
                     events = self.turn_events(cli, translator, deadline)
                     if request.stream:
                         self.send_stream(reply, events)

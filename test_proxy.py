@@ -85,7 +85,7 @@ def answer(text="Hello from fake upstream.", pieces=None, thinking=None, stop_re
 def tool_use(*calls, text=None, pause=0.0):
     """Claude calling tools: each call is (id, name, input). `pause` seconds pass between
     calls, as with a model still writing the next one."""
-    def respond(handler, body):
+    def respond(handler, body, ending=True):
         handler.start_stream()
         handler.event({"type": "message_start", "message": {
             "id": "msg_tools", "type": "message", "role": "assistant", "model": body["model"], "content": [],
@@ -108,11 +108,20 @@ def tool_use(*calls, text=None, pause=0.0):
                     handler.event({"type": "content_block_delta", "index": index, "delta": {
                         "type": "input_json_delta", "partial_json": arguments[start:start + 4]}})
             handler.event({"type": "content_block_stop", "index": index})
-        handler.event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                       "usage": {"output_tokens": 20}})
-        handler.event({"type": "message_stop"})
-        handler.wfile.write(b"0\r\n\r\n")
+        if ending:
+            handler.event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                           "usage": {"output_tokens": 20}})
+            handler.event({"type": "message_stop"})
+            handler.wfile.write(b"0\r\n\r\n")
     return respond
+
+
+def tool_use_then_drop(handler, body):
+    """One whole call; half a second later, the connection breaks."""
+    tool_use(("toolu_kept", "get_time", {}))(handler, body, ending=False)
+    time.sleep(0.5)  # (broken at once, the CLI drops the whole message and asks again)
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 def fail(status, error_type, message, headers=()):
@@ -1008,6 +1017,11 @@ def test_response_format_becomes_the_output_schema(response_format, schema):
      "tools[0].function.parameters.required"),
     ({"tools": [CLOCK, CLOCK]}, "tools"),
     ({"tools": [CLOCK], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [CLOCK], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"tools": 5}}}, "tool_choice"),
+    ({"tools": [CLOCK], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"tools": [
+        {"type": "function", "function": "get_time"}]}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "StructuredOutput"}}],
+      "response_format": {"type": "json_object"}}, "tools"),
     ({"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
@@ -1048,6 +1062,14 @@ def test_ids_claude_would_reject_are_made_safe_and_stay_distinct():
     assert [block["tool_use_id"] for block in request.prompt.content] == used
 
 
+def test_ids_a_client_reuses_across_turns_are_made_unique():
+    again = [USER, CALL, RESULT, {"role": "assistant", "content": "More?"}, USER, CALL, RESULT]
+    request = parse(messages=again)
+    used = [block["id"] for turn in request.history for block in turn.content if block["type"] == "tool_use"]
+    assert used[0] == "call_1" and len(set(used)) == 2
+    assert request.prompt.content[0]["tool_use_id"] == used[1]
+
+
 def test_legacy_function_messages_answer_the_function_call():
     request = parse(messages=[USER, {"role": "assistant", "content": None, "function_call": {
         "name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
@@ -1062,6 +1084,9 @@ def test_legacy_function_messages_answer_the_function_call():
     ([USER, CALL, {"role": "tool", "tool_call_id": "call_9", "content": "x"}], "messages[2].tool_call_id", "call_9"),
     ([USER, CALL, RESULT, RESULT], "messages[3].tool_call_id", "call_1"),
     ([USER, {"role": "function", "name": "f", "content": "x"}], "messages[1]", "no assistant function_call"),
+    ([USER, dict(CALL, tool_calls=CALL["tool_calls"] * 2)], "messages[1].tool_calls[1]", "another call"),
+    ([USER, dict(CALL, tool_calls=CALL["tool_calls"] + [dict(CALL["tool_calls"][0], id="call_2")]), RESULT],
+     "messages[1].tool_calls[1]", "before the end of 'messages'"),
 ])
 def test_unpaired_tool_messages_are_400s_as_at_openai(messages, param, says):
     with pytest.raises(ApiError) as caught:
@@ -1275,6 +1300,7 @@ def tool_use_stop(output_tokens=20):
                          "usage": {"output_tokens": output_tokens}})
 
 
+NAMES = ("get_weather", "get_time", "f")  # the client's tools
 REFUSED = {"type": "result", "subtype": "error_during_execution", "is_error": True, "stop_reason": "tool_use",
            "terminal_reason": "aborted_tools", "usage": {"input_tokens": 10, "output_tokens": 20}}
 TWO_CALLS = [message_start(), text_delta("Checking."), block_stop(0),
@@ -1284,7 +1310,7 @@ TWO_CALLS = [message_start(), text_delta("Checking."), block_stop(0),
 
 
 def test_tool_calls_stream_as_fragments_and_end_the_turn():
-    translator, out = translate(TWO_CALLS)
+    translator, out = translate(TWO_CALLS, tools=NAMES)
     assert out == [TextDelta("Checking."),
                    cmp.ToolCallDelta(0, "", id="toolu_1", name="get_weather"), cmp.ToolCallDelta(0, '{"ci'),
                    cmp.ToolCallDelta(0, 'ty": "Z\\u00'), cmp.ToolCallDelta(0, 'fcrich"}'),
@@ -1298,7 +1324,7 @@ def test_tool_calls_stream_as_fragments_and_end_the_turn():
 
 
 def test_one_tool_call_ends_the_turn_after_the_first():
-    translator, out = translate(TWO_CALLS, one_tool_call=True)
+    translator, out = translate(TWO_CALLS, tools=NAMES, one_tool_call=True)
     assert [o.index for o in out if isinstance(o, cmp.ToolCallDelta)] == [0, 0, 0, 0]
     assert translator.feed(REFUSED)[-1].tool_calls == (
         cmp.ToolCall("toolu_1", "get_weather", '{"city": "Z\\u00fcrich"}'),)
@@ -1307,7 +1333,7 @@ def test_one_tool_call_ends_the_turn_after_the_first():
 def test_a_refused_call_from_the_non_streaming_fallback_ends_with_tool_calls():
     fallback = {"type": "assistant", "message": {"id": "msg_2", "content": [
         {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}]}}
-    _, out = translate([fallback, REFUSED])
+    _, out = translate([fallback, REFUSED], tools=NAMES)
     assert out[-1].stop_reason == "tool_use"
     assert out[-1].tool_calls == (cmp.ToolCall("toolu_9", "get_weather", '{"city": "Oslo"}'),)
 
@@ -1317,10 +1343,35 @@ def test_a_restart_after_a_call_was_sent_fails_a_live_stream():
              message_start(), tool_use_start(0, "toolu_2", "f"), arguments(0, "{}"), block_stop(0),
              tool_use_stop(), REFUSED]
     with pytest.raises(ApiError) as caught:
-        translate(lines)
+        translate(lines, tools=NAMES)
     assert caught.value.code == "upstream_stream_restarted"
-    _, out = translate(lines, live=False)
+    _, out = translate(lines, tools=NAMES, live=False)
     assert out[-1].tool_calls == (cmp.ToolCall("toolu_2", "f", "{}"),)
+
+
+@pytest.mark.parametrize("live, cut_short", [(True, []), (False, [tool_use_start(1, "toolu_2", "f")])])
+def test_a_whole_call_before_the_stream_broke_off_stands(live, cut_short):
+    # Measured: the CLI keeps the finished blocks, does not retry, and asks to run the call.
+    broke_off = stream_event({"type": "message_stop"}, abandoned_blocks={"api_message_id": "m", "from_block_index": 1})
+    _, out = translate([message_start(), tool_use_start(0, "toolu_1", "f"), arguments(0, "{}"), block_stop(0),
+                        *cut_short, broke_off, REFUSED], tools=NAMES, live=live)
+    assert out[-1].stop_reason == "tool_use"
+    assert out[-1].tool_calls == (cmp.ToolCall("toolu_1", "f", "{}"),)
+
+
+def test_calls_to_tools_the_client_does_not_have_are_left_to_the_cli():
+    # The CLI answers Claude "No such tool available" and Claude goes on.
+    translator, out = translate([message_start(), tool_use_start(0, "toolu_1", "rm_rf"), arguments(0, "{}"),
+                                 block_stop(0), tool_use_stop(), message_start(), text_delta("Sorry."),
+                                 success("Sorry.")], tools=NAMES)
+    assert out == [TextDelta("Sorry."), TurnEnd("end_turn", Usage(10, 5), "Sorry.")]
+
+
+def test_text_held_for_a_stop_sequence_is_sent_before_a_call():
+    _, out = translate([message_start(), text_delta("Checking the E"), tool_use_start(1, "toolu_1", "f"),
+                        arguments(1, "{}"), block_stop(1), tool_use_stop(), REFUSED], tools=NAMES, stop=["END"])
+    assert out[:2] == [TextDelta("Checking the "), TextDelta("E")]
+    assert out[-1].text == "Checking the E"
 
 
 def test_structured_output_is_the_checked_json_not_the_talk_around_it():
@@ -1328,10 +1379,17 @@ def test_structured_output_is_the_checked_json_not_the_talk_around_it():
              tool_use_start(1, "toolu_s", "StructuredOutput"), arguments(1, '{"name": "Alice"}'), block_stop(1),
              tool_use_stop(), {"type": "user", "message": {"content": [{"type": "tool_result"}]}},
              success('{"name":"Alice"}', stop_reason="tool_use")]
+    lines[-1]["structured_output"] = {"name": "Alice"}
     translator, out = translate(lines, structured=True)
     assert translator.ended_by is None  # the CLI checks the output against the schema itself
     assert out == [TextDelta('{"name":"Alice"}'),
                    TurnEnd("end_turn", Usage(input_tokens=10, output_tokens=5), '{"name":"Alice"}')]
+
+
+def test_structured_output_refused_in_words_keeps_its_stop_reason():
+    _, out = translate([message_start(), text_delta("I can't help with that."),
+                        success("I can't help with that.", stop_reason="refusal")], structured=True)
+    assert (out[-1].text, out[-1].stop_reason) == ("I can't help with that.", "refusal")
 
 
 @pytest.mark.parametrize("lines, status, code", [
@@ -2319,6 +2377,18 @@ def test_real_tool_round_trip(real_client, upstream, stream):
         ("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {})]
     assert [(b["tool_use_id"], b["content"]) for b in turns[2]["content"] if b["type"] == "tool_result"] == [
         ("toolu_1", "sunny"), ("toolu_2", "noon")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_a_whole_call_survives_a_broken_stream(real_client, upstream, stream):
+    upstream.script = [tool_use_then_drop]
+    if stream:
+        _, frames = real_client.stream(tools=[CLOCK])
+        message = assembled(frames)
+    else:
+        message = real_client.chat(tools=[CLOCK]).json()["choices"][0]["message"]
+    assert [(call["id"], call["function"]["arguments"]) for call in message["tool_calls"]] == [("toolu_kept", "{}")]
+    assert len(upstream.posts) == 1
 
 
 def test_real_tool_history_reaches_upstream_without_tools(real_client, upstream):

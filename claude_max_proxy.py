@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -215,7 +214,7 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
 MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; Claude's is no looser
-TOOL_USE_ID = re.compile(r"[A-Za-z0-9_-]+")     # what Claude accepts as a tool_use id
+NOT_IN_TOOL_USE_IDS = re.compile(r"[^A-Za-z0-9_-]")  # Claude's tool_use ids have only the others
 NO_PARAMETERS = {"type": "object", "properties": {}}
 JSON_OBJECT_SCHEMA = {"type": "object"}
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for a response_format (PROTOCOL.md §6.4)
@@ -618,7 +617,7 @@ class OpenToolCalls:
     Clients such as OpenClaw rewrite ids, so none is remembered between
     requests. Claude wants ids unique in a conversation and made of letters,
     digits, "_" and "-"; some clients reuse "call_0" every turn, or use other
-    characters, so each call gets a safe, unique id of its own.
+    characters, so such a call gets a safe, unique id of its own.
     """
 
     def __init__(self):
@@ -628,9 +627,11 @@ class OpenToolCalls:
     def add(self, given: str, where: str) -> str:
         if given in self.waiting:
             raise ApiError(400, f"{where} has the id '{given}' of another call in the same message.", param=where)
-        tool_use_id = _tool_use_id(given)
-        if tool_use_id in self.used:
-            tool_use_id = f"{tool_use_id}_{len(self.used)}"
+        safe = tool_use_id = NOT_IN_TOOL_USE_IDS.sub("_", given)
+        copies = 1
+        while tool_use_id in self.used:
+            copies += 1
+            tool_use_id = f"{safe}_{copies}"
         self.used.add(tool_use_id)
         self.waiting[given] = (tool_use_id, where)
         return tool_use_id
@@ -654,14 +655,6 @@ class OpenToolCalls:
             given, (_, where) = next(iter(self.waiting.items()))
             raise ApiError(400, f"{where} (id '{given}') has no tool message answering it before {before}.",
                            param=where)
-
-
-def _tool_use_id(given: str) -> str:
-    """The client's call id, made safe for Claude; different ids stay different."""
-    if TOOL_USE_ID.fullmatch(given):
-        return given
-    digest = hashlib.sha1(given.encode("utf-8", "replace")).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', given)}_{digest}"
 
 
 # ── 5. The CLI process: CliSettings → a running `claude -p` (I/O) ───────────
@@ -1310,10 +1303,12 @@ class TurnTranslator:
             return [self._end("tool_use", usage)]
         if result.get("is_error"):
             raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
-        if self.structured and result.get("structured_output") is not None:  # checked against the schema
-            return self._content(result.get("result") or "") + [self._end("end_turn", usage)]
-        if self.structured:  # Claude answered in words twice, and the CLI took them (PROTOCOL.md §6.4)
-            return self._content(result.get("result") or "") + [self._end(result.get("stop_reason"), usage)]
+        if self.structured:
+            # The JSON the CLI checked against the schema; or, when Claude
+            # answered in words twice, the words it took (PROTOCOL.md §6.4).
+            checked = result.get("structured_output") is not None
+            stop_reason = "end_turn" if checked else result.get("stop_reason")
+            return self._content(result.get("result") or "") + [self._end(stop_reason, usage)]
         return self._content(self.scanner.flush()) + [self._end(result.get("stop_reason"), usage)]
 
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:

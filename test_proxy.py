@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -637,6 +638,8 @@ def answer():
         refused()
     elif SCENARIO == "tool_call_unstreamed":  # the CLI's non-streaming fallback
         emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [t["name"] for t in TOOLS]})
+        ask_permission("toolu_0", "Bash", {"command": "rm -rf ~"})  # not a client tool: must never run
+        await_permission_reply()
         emit({"type": "assistant", "message": {"id": "msg_2", "model": "claude-sonnet-5-5", "role": "assistant",
               "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}]}})
         ask_permission("toolu_9", "get_weather", {"city": "Oslo"})
@@ -1058,7 +1061,7 @@ def test_ids_claude_would_reject_are_made_safe_and_stay_distinct():
                               *({"role": "tool", "tool_call_id": c["id"], "content": "r"} for c in calls)])
     used = [block["id"] for block in request.history[1].content]
     assert used[2] == "toolu_bdrk_01-ok" and len(set(used)) == 3
-    assert all(cmp.TOOL_USE_ID.fullmatch(i) for i in used)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in used)
     assert [block["tool_use_id"] for block in request.prompt.content] == used
 
 
@@ -1987,7 +1990,11 @@ def test_a_call_made_without_streaming_is_refused_at_once(start_proxy, fake):
     fake.play("tool_call_unstreamed")
     choice = start_proxy(timeout=10).chat(**TOOL_REQUEST).json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert [call["function"] for call in choice["message"]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+    bash, weather = [reply["response"] for reply in replies_to(fake, "perm-")]
+    assert (bash["behavior"], bash["interrupt"]) == ("deny", False)  # Claude is told; the turn goes on
+    assert (weather["behavior"], weather["interrupt"]) == ("deny", True)
 
 
 def test_tool_choice_none_offers_no_tools(client, fake):

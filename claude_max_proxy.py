@@ -38,7 +38,8 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -655,6 +656,139 @@ class OpenToolCalls:
             given, (_, where) = next(iter(self.waiting.items()))
             raise ApiError(400, f"{where} (id '{given}') has no tool message answering it before {before}.",
                            param=where)
+
+
+# The Responses API (/v1/responses) is served by the same core: its request
+# becomes a Chat Completions body, and parse_chat_request takes it from there.
+
+RESPONSES_FIELDS = {"model": "model", "stream": "stream", "temperature": "temperature", "top_p": "top_p",
+                    "parallel_tool_calls": "parallel_tool_calls", "max_output_tokens": "max_completion_tokens"}
+HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "code_interpreter",
+                "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
+
+
+def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tuple[dict, List[dict]]:
+    """A Responses API request as a Chat Completions body, and its input as chat messages.
+
+    `earlier` is the conversation a previous_response_id stands for, as chat
+    messages. Claude Code cannot run hosted tools (web_search and the like),
+    so they are left out; a namespace's functions are offered one by one.
+    """
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    chat = {chat_name: body[name] for name, chat_name in RESPONSES_FIELDS.items() if name in body}
+    instructions = _optional(body, "instructions", (str,), "")
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    new = input_messages(body.get("input"))
+    chat["messages"] = messages + list(earlier) + new
+    reasoning = _optional(body, "reasoning", (dict,), {}) or {}
+    if reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    text_format = (_optional(body, "text", (dict,), {}) or {}).get("format")
+    if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            key: text_format[key] for key in ("name", "schema", "strict", "description") if key in text_format}}
+    elif text_format is not None:
+        chat["response_format"] = text_format
+    tools = [tool for tool in _optional(body, "tools", (list,), []) if _tool_type(tool) not in HOSTED_TOOLS]
+    if tools:
+        chat["tools"] = [{"type": "function", "function": function} for function in _flat_functions(tools)]
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    return chat, new
+
+
+def response_echo(body: dict) -> dict:
+    """The request's settings, as a response object repeats them."""
+    echo = {"model": body.get("model"), "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
+            "store": body.get("store", True), "temperature": body.get("temperature"),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
+            "metadata": body.get("metadata") or {}}
+    return echo
+
+
+def _tool_type(tool: object) -> Optional[str]:
+    return tool.get("type") if isinstance(tool, dict) else None
+
+
+def _flat_functions(tools: list) -> List[dict]:
+    functions = []
+    for i, tool in enumerate(tools):
+        if _tool_type(tool) == "namespace" and isinstance(tool.get("tools"), list):
+            functions += _flat_functions(tool["tools"])
+        elif _tool_type(tool) == "function":
+            functions.append({key: value for key, value in tool.items() if key != "type"})
+        else:
+            raise ApiError(400, f"tools[{i}] has type '{_tool_type(tool)}'; Claude Code can be given "
+                                "function tools (and namespaces of them).", param=f"tools[{i}]")
+    return functions
+
+
+def namespaces_of(tools: object) -> Dict[str, str]:
+    """Each function's namespace, for the calls that come back."""
+    return {function.get("name"): tool.get("name") for tool in tools if _tool_type(tool) == "namespace"
+            for function in tool.get("tools") or [] if isinstance(function, dict)} if isinstance(tools, list) else {}
+
+
+def _chat_tool_choice(choice: object) -> object:
+    kind = _tool_type(choice)
+    if kind == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    if kind == "allowed_tools":
+        return {"type": "allowed_tools", "allowed_tools": {
+            "mode": choice.get("mode", "auto"),
+            "tools": [{"type": "function", "function": {"name": tool.get("name")}}
+                      for tool in choice.get("tools") or [] if isinstance(tool, dict)]}}
+    return choice  # "auto", "none", "required"; anything else is refused as a bad tool_choice
+
+
+def input_messages(items: object) -> List[dict]:
+    """Responses `input` (a string, or items) as chat messages."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise ApiError(400, "'input' must be a string or an array of input items.", param="input")
+    messages: List[dict] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = _tool_type(item) or ("message" if isinstance(item, dict) and "role" in item else None)
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _message_content(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if messages and messages[-1]["role"] == "assistant":  # one assistant turn, however many calls
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _message_content(item.get("output"), where)})
+        elif kind != "reasoning":  # Claude's thinking is not sent back; Codex echoes it
+            raise ApiError(400, f"{where} has type '{kind}'; use message, function_call or "
+                                "function_call_output items.", param=where)
+    return messages
+
+
+def _message_content(content: object, where: str) -> object:
+    if not isinstance(content, list):
+        return content
+    parts = []
+    for i, part in enumerate(content):
+        kind = _tool_type(part)
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            parts.append({"type": "text", "text": part.get("text", part.get("refusal"))})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            raise ApiError(400, f"{where}.content[{i}] has type '{kind}'; use input_text or input_image "
+                                "(with an image_url) parts.", param=f"{where}.content[{i}]")
+    return parts
 
 
 # ── 5. The CLI process: CliSettings → a running `claude -p` (I/O) ───────────
@@ -1426,6 +1560,152 @@ class Reply:
         return dict(self.chunk({}), choices=[], usage=usage_body(usage))
 
 
+# The Responses API's answer: items (reasoning, message, function calls) built
+# as the turn's events arrive, each change also a streamed event.
+
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def responses_usage(usage: Usage) -> dict:
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cache_read_tokens,
+                                     "cache_write_tokens": usage.cache_write_tokens},
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.prompt_tokens + usage.output_tokens}
+
+
+def call_id_for(claude_id: str) -> str:
+    """OpenAI's call_ form, which clients such as OpenClaw pass back unchanged."""
+    return "call_" + re.sub(r"[^A-Za-z0-9]", "", claude_id.replace("toolu_", "", 1))
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseBuilder:
+    """One Responses API response: feed() takes TextDelta, ToolCallDelta and
+    TurnEnd, and returns the stream events they make; `response` is the object
+    as it stands. `echo` holds the request's settings that the object repeats.
+    """
+
+    def __init__(self, echo: dict, namespaces: Mapping[str, str] = ()):
+        self.namespaces = dict(namespaces)
+        self.response = {"id": _item_id("resp"), "object": "response", "created_at": int(time.time()),
+                         "status": "in_progress", "error": None, "incomplete_details": None, **echo,
+                         "output": [], "usage": None}
+        self.sequence = 0
+        self.open: Optional[dict] = None  # the item being written
+
+    @property
+    def output(self) -> List[dict]:
+        return self.response["output"]
+
+    def _event(self, kind: str, **fields) -> dict:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+    def _snapshot(self) -> dict:
+        return json.loads(json.dumps(self.response))
+
+    def start(self) -> List[dict]:
+        return [self._event("response.created", response=self._snapshot()),
+                self._event("response.in_progress", response=self._snapshot())]
+
+    def feed(self, event) -> List[dict]:
+        if isinstance(event, TextDelta):
+            return self._text(event.text, "reasoning" if event.reasoning else "message")
+        if isinstance(event, ToolCallDelta) and event.id is not None:
+            return self._close() + self._add({
+                "id": _item_id("fc"), "type": "function_call", "status": "in_progress",
+                "call_id": call_id_for(event.id), "name": event.name, "arguments": "",
+                **({"namespace": self.namespaces[event.name]} if event.name in self.namespaces else {})})
+        if isinstance(event, ToolCallDelta):
+            self.open["arguments"] += event.arguments
+            return [self._event("response.function_call_arguments.delta", item_id=self.open["id"],
+                                output_index=len(self.output) - 1, delta=event.arguments)]
+        return self._end(event)
+
+    def _add(self, item: dict) -> List[dict]:
+        self.open = item
+        self.output.append(item)
+        return [self._event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))]
+
+    def _text(self, text: str, kind: str) -> List[dict]:
+        out = []
+        if self.open is None or self.open["type"] != kind:
+            out = self._close()
+            if kind == "message":
+                out += self._add({"id": _item_id("msg"), "type": "message", "status": "in_progress",
+                                  "role": "assistant", "content": []})
+                self.open["content"].append({"type": "output_text", "text": "", "annotations": []})
+                out.append(self._part_event("response.content_part.added", part=dict(self.open["content"][0])))
+            else:
+                out += self._add({"id": _item_id("rs"), "type": "reasoning", "summary": []})
+                self.open["summary"].append({"type": "summary_text", "text": ""})
+                out.append(self._part_event("response.reasoning_summary_part.added",
+                                            part=dict(self.open["summary"][0])))
+        part = self._part()
+        part["text"] += text
+        kind_event = "response.output_text.delta" if kind == "message" else "response.reasoning_summary_text.delta"
+        extra = {"logprobs": []} if kind == "message" else {}
+        return out + [self._part_event(kind_event, delta=text, **extra)]
+
+    def _part(self) -> dict:
+        return (self.open["content"] if self.open["type"] == "message" else self.open["summary"])[0]
+
+    def _part_event(self, kind: str, **fields) -> dict:
+        index = {"content_index": 0} if self.open["type"] == "message" else {"summary_index": 0}
+        return self._event(kind, item_id=self.open["id"], output_index=len(self.output) - 1, **index, **fields)
+
+    def _close(self, status: str = "completed") -> List[dict]:
+        item, out = self.open, []
+        if item is None:
+            return out
+        if item["type"] == "message":
+            part = self._part()
+            out += [self._part_event("response.output_text.done", text=part["text"], logprobs=[]),
+                    self._part_event("response.content_part.done", part=dict(part))]
+        elif item["type"] == "reasoning":
+            part = self._part()
+            out += [self._part_event("response.reasoning_summary_text.done", text=part["text"]),
+                    self._part_event("response.reasoning_summary_part.done", part=dict(part))]
+        else:
+            out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                   output_index=len(self.output) - 1, name=item["name"],
+                                   arguments=item["arguments"]))
+        if item["type"] != "reasoning":
+            item["status"] = status
+        self.open = None
+        return out + [self._event("response.output_item.done", output_index=len(self.output) - 1,
+                                  item=json.loads(json.dumps(item)))]
+
+    def _end(self, end: TurnEnd) -> List[dict]:
+        reason = INCOMPLETE_REASONS.get(finish_reason(end.stop_reason))
+        out = self._close("incomplete" if reason else "completed")
+        self.response["usage"] = responses_usage(end.usage)
+        self.response["output_text"] = "".join(
+            part["text"] for item in self.output if item["type"] == "message" for part in item["content"])
+        if reason:
+            self.response.update(status="incomplete", incomplete_details={"reason": reason})
+            return out + [self._event("response.incomplete", response=self._snapshot())]
+        self.response["status"] = "completed"
+        return out + [self._event("response.completed", response=self._snapshot())]
+
+    def fail(self, err: ApiError) -> List[dict]:
+        self.response.update(status="failed", error={"code": err.code or err.error_type, "message": err.message})
+        return [self._event("response.failed", response=self._snapshot())]
+
+    def chat_messages(self) -> List[dict]:
+        """The output as chat messages, for a later previous_response_id."""
+        calls = [{"id": item["call_id"], "type": "function",
+                  "function": {"name": item["name"], "arguments": item["arguments"]}}
+                 for item in self.output if item["type"] == "function_call"]
+        message = {"role": "assistant", "content": self.response.get("output_text") or None}
+        return [dict(message, tool_calls=calls) if calls else message]
+
+
 # ── 8. The HTTP server: routes, admission, SSE (I/O) ────────────────────────
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
@@ -1437,7 +1717,10 @@ KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
 SHUTDOWN_GRACE_SECONDS = 5
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
-ROUTES = {"/health": "GET", "/models": "GET", "/models/": "GET", "/chat/completions": "POST"}
+ROUTES = {"/health": ("GET",), "/models": ("GET",), "/models/": ("GET",), "/chat/completions": ("POST",),
+          "/responses": ("POST",), "/responses/": ("GET", "DELETE")}
+STORED_RESPONSES = 1000            # previous_response_id reaches this many responses back
+STORED_SECONDS = 3600              # and for this long
 
 
 def json_bytes(body: object) -> bytes:
@@ -1487,6 +1770,54 @@ class AdmissionGate:
                         retry_after=BUSY_RETRY_SECONDS)
 
 
+class ResponseStore:
+    """Recent Responses API responses, so a client may send only what is new.
+
+    Each keeps the chat messages it added (its input and its output) and the
+    response it followed, so a chain is rebuilt by walking back, and memory
+    grows with the conversation, not with its square.
+    """
+
+    def __init__(self, limit: int = STORED_RESPONSES, seconds: float = STORED_SECONDS, clock=time.monotonic):
+        self.limit, self.seconds, self.clock = limit, seconds, clock
+        self._items: "OrderedDict[str, Tuple[float, dict, List[dict], Optional[str]]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, messages: List[dict], previous: Optional[str]):
+        with self._lock:
+            self._items[response["id"]] = (self.clock(), response, messages, previous)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> dict:
+        return self._find(response_id)[1]
+
+    def conversation(self, response_id: str) -> List[dict]:
+        """The chat messages of the whole chain that ends with this response."""
+        chain: List[List[dict]] = []
+        previous: Optional[str] = response_id
+        while previous is not None:
+            _, _, messages, previous = self._find(previous, param="previous_response_id")
+            chain.append(messages)
+        return [message for messages in reversed(chain) for message in messages]
+
+    def delete(self, response_id: str):
+        self._find(response_id)
+        with self._lock:
+            self._items.pop(response_id, None)
+
+    def _find(self, response_id: str, param: Optional[str] = None) -> tuple:
+        with self._lock:
+            while self._items and self.clock() - next(iter(self._items.values()))[0] > self.seconds:
+                self._items.popitem(last=False)
+            found = self._items.get(response_id)
+        if found is None:
+            raise ApiError(404, f"No stored response with id '{response_id}': this proxy keeps the last "
+                                f"{self.limit} responses for {self.seconds / 60:g} minutes, in memory.",
+                           code="response_not_found", param=param)
+        return found
+
+
 def host_allowed(host_header: Optional[str], config: Config) -> bool:
     """Refuse DNS rebinding: on loopback, only loopback names (and --allowed-host)."""
     if not is_loopback(config.host) or not host_header:
@@ -1509,6 +1840,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.cli_version = cli_version
         self.gate = AdmissionGate(config.max_concurrency, QUEUE_LENGTH, QUEUE_WAIT_SECONDS)
+        self.stored = ResponseStore()
         self.stopping = threading.Event()
         self._processes: set = set()
         self._processes_lock = threading.Lock()
@@ -1583,6 +1915,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Reset the per-request state: one connection carries many requests."""
         self.started = time.monotonic()
         self.sse_started = self.body_read = False
+        self.builder: Optional[ResponseBuilder] = None  # a Responses API answer being written
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
         self.status = 0
@@ -1609,7 +1942,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path.rstrip("/") or "/"
         if path.startswith("/v1/") or path == "/v1":
             path = path[3:] or "/"
-        key = "/models/" if path.startswith("/models/") else path
+        key = next((prefix for prefix in ("/models/", "/responses/") if path.startswith(prefix)), path)
         if not host_allowed(self.headers.get("Host"), self.server.config):
             raise ApiError(403, f"Host '{self.headers.get('Host')}' is not allowed; start the proxy "
                                 "with --allowed-host NAME to accept it.", code="host_not_allowed")
@@ -1622,12 +1955,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path != "/health":
             self.check_api_key()
         if key not in ROUTES:
-            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has "
-                                "/v1/chat/completions, /v1/models and /health.", code="unknown_route")
-        if self.command != ROUTES[key]:
-            raise ApiError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; "
-                                f"use {ROUTES[key]}.",
-                           code="method_not_allowed", headers=[("Allow", ROUTES[key])])
+            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has /v1/chat/completions, "
+                                "/v1/responses, /v1/models and /health.", code="unknown_route")
+        if self.command not in ROUTES[key]:
+            allowed = ", ".join(ROUTES[key])
+            raise ApiError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; use {allowed}.",
+                           code="method_not_allowed", headers=[("Allow", allowed)])
         if path == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
                                  "in_flight": self.server.gate.running, "queued": self.server.gate.waiting})
@@ -1637,6 +1970,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             model_id = unquote(path[len("/models/"):])
             resolve_model(model_id)
             self.send_json(200, model_object(model_id))
+        elif key == "/responses/":
+            self.stored_response(unquote(path[len("/responses/"):]))
+        elif path == "/responses":
+            self.create_response()
         else:
             self.chat_completions()
 
@@ -1697,12 +2034,55 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # ── chat completions ──
     def chat_completions(self):
+        request = parse_chat_request(self.read_body())
+        reply = Reply(request.model, include_usage=request.include_usage,
+                      legacy_functions=request.legacy_functions)
+        with closing(self.answer(request)) as events:
+            if request.stream:
+                self.send_stream(reply, events)
+            else:
+                end = [event for event in events if isinstance(event, TurnEnd)][-1]
+                self.send_json(200, reply.completion(end))
+
+    # ── responses (not `responses`: BaseHTTPRequestHandler.responses holds the status phrases) ──
+    def create_response(self):
+        body = self.read_body()
+        previous = _optional(body, "previous_response_id", (str,), None) if isinstance(body, dict) else None
+        chat, new_messages = chat_body_from_responses(body, self.server.stored.conversation(previous)
+                                                      if previous else ())
+        request = parse_chat_request(chat)
+        self.builder = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
+
+        def keep():  # before the client hears of the response, so its next request finds it
+            if body.get("store", True) is not False:
+                self.server.stored.put(self.builder.response, new_messages + self.builder.chat_messages(),
+                                       previous)
+        with closing(self.answer(request)) as events:
+            if request.stream:
+                self.send_response_stream(events, keep)
+            else:
+                for event in events:
+                    if event is not None:
+                        self.builder.feed(event)
+                keep()
+                self.send_json(200, self.builder.response)
+
+    def stored_response(self, response_id: str):
+        if self.command == "DELETE":
+            self.server.stored.delete(response_id)
+            self.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+        else:
+            self.send_json(200, self.server.stored.get(response_id))
+
+    # ── one turn of the CLI, for either API ──
+    def read_body(self) -> object:
         body = self.read_json()
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
-        request = parse_chat_request(body)
-        reply = Reply(request.model, include_usage=request.include_usage,
-                      legacy_functions=request.legacy_functions)
+        return body
+
+    def answer(self, request: ChatRequest) -> Iterator:
+        """Run the CLI for one turn: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
         with self.server.gate.slot():
             deadline = time.monotonic() + self.server.config.timeout
             with self.server.cli_process(request.settings) as cli:
@@ -1711,12 +2091,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     translator = TurnTranslator(
                         request.stop, live=request.stream, tools=[tool.name for tool in request.settings.tools],
                         one_tool_call=request.one_tool_call, structured=request.settings.output_schema is not None)
-                    events = self.turn_events(cli, translator, deadline)
-                    if request.stream:
-                        self.send_stream(reply, events)
-                    else:
-                        end = [event for event in events if isinstance(event, TurnEnd)][-1]
-                        self.send_json(200, reply.completion(end))
+                    yield from self.turn_events(cli, translator, deadline)
                 except ApiError:
                     if self.server.stopping.is_set():  # we stopped its CLI ourselves
                         raise shutting_down() from None
@@ -1769,6 +2144,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.write_sse(reply.usage_chunk(event.usage))
                 self.end_sse()
 
+    def send_response_stream(self, events, keep):
+        for event in events:
+            if not self.sse_started:  # only now: a failure before this still gets its HTTP status
+                self.start_sse()
+                for frame in self.builder.start():
+                    self.write_event(frame)
+            if event is None:
+                self.write_chunk(b": keep-alive\n\n")
+                continue
+            frames = self.builder.feed(event)
+            if isinstance(event, TurnEnd):
+                keep()
+            for frame in frames:
+                self.write_event(frame)
+        self.write_chunk(b"")
+
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
@@ -1801,8 +2192,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.sse_started:  # the status line is gone: OpenAI clients read an error frame
             self.status = err.status
             try:
-                self.write_sse(err.body())
-                self.end_sse()
+                if self.builder is None:
+                    self.write_sse(err.body())
+                    self.end_sse()
+                else:  # the Responses API has an event for it, and no [DONE]
+                    for event in self.builder.fail(err):
+                        self.write_event(event)
+                    self.write_chunk(b"")
             except ClientGone:
                 self.close_connection = True
             return
@@ -1844,6 +2240,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def write_sse(self, body: object):
         self.write_chunk(b"data: " + json_bytes(body) + b"\n\n")
+
+    def write_event(self, event: dict):
+        self.write_chunk(b"event: " + event["type"].encode() + b"\ndata: " + json_bytes(event) + b"\n\n")
 
     def end_sse(self):
         self.write_chunk(b"data: [DONE]\n\n")

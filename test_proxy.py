@@ -1785,7 +1785,7 @@ def test_malformed_requests_get_json_errors(client):
 
 def test_an_error_before_the_body_is_read_does_not_poison_the_connection(client):
     body = json.dumps({"model": "x", "input": "y" * 5000}).encode()
-    answer_bytes = raw_exchange(client.port, b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
+    answer_bytes = raw_exchange(client.port, b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n"
                                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                                 b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" % (len(body), body))
     # One answer, and the connection closed: the unread body was not taken for a request.

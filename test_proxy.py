@@ -300,6 +300,31 @@ class Client:
         reply, frames = self.open_stream(**body)
         return reply, list(frames)
 
+    def respond(self, **body):
+        """POST /v1/responses, without streaming."""
+        body.setdefault("model", "claude-sonnet-4")
+        body.setdefault("input", "hi")
+        return self.call("POST", "/v1/responses", body)
+
+    def respond_streaming(self, **body) -> tuple:
+        """POST /v1/responses with stream: the response and its (event name, data) pairs."""
+        body.setdefault("model", "claude-sonnet-4")
+        body.setdefault("input", "hi")
+        body["stream"] = True
+        conn = self.connect()
+        conn.request("POST", "/v1/responses", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        events, name = [], None
+        for line in iter(reply.readline, b""):
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+                name = None
+        conn.close()
+        return reply, events
+
 
 def text_and_finish(client: Client, stream: bool, **body) -> tuple:
     """The reply's text and finish_reason, streamed or not."""
@@ -1104,6 +1129,68 @@ def test_thinking_is_off_for_the_turn_that_carries_tool_results():
                  tools=[WEATHER]).settings.thinking
 
 
+# The Responses API request.
+
+def test_a_responses_request_becomes_a_chat_request():
+    chat, new = cmp.chat_body_from_responses({
+        "model": "claude-opus-4", "instructions": "Be brief.", "max_output_tokens": 99, "stream": True,
+        "reasoning": {"effort": "low", "summary": "auto"}, "store": False, "include": ["reasoning.encrypted_content"],
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Use French."}]},
+            {"role": "user", "content": "Weather?"},  # no type, as openai-agents sends
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xx"},
+            {"type": "message", "id": "msg_1", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Checking."}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "get_weather",
+             "arguments": "{\"city\": \"Rome\"}"},
+            {"type": "function_call", "call_id": "call_b", "name": "get_time", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "noon"}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "So?"},
+                                         {"type": "input_image", "image_url": "https://example.com/a.png"}]}]})
+    assert {k: chat[k] for k in ("model", "stream", "max_completion_tokens", "reasoning_effort")} == {
+        "model": "claude-opus-4", "stream": True, "max_completion_tokens": 99, "reasoning_effort": "low"}
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert new == chat["messages"][1:]
+    assert chat["messages"][3] == {"role": "assistant", "content": [{"type": "text", "text": "Checking."}],
+                                   "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+    request = cmp.parse_chat_request(chat)
+    assert request.settings.system_prompt == "Be brief.\n\nUse French."
+    assert [block["type"] for block in request.prompt.content] == ["tool_result", "tool_result", "text", "image"]
+    assert request.settings.max_tokens == 99 and request.stream
+
+
+def test_responses_tools_are_flattened_and_hosted_ones_left_out():
+    body = {"model": "m", "input": "hi", "tool_choice": {"type": "function", "name": "spawn_agent"}, "tools": [
+        {"type": "function", "name": "exec", "parameters": {"type": "object"}, "strict": False},
+        {"type": "namespace", "name": "multi_agent_v1", "tools": [
+            {"type": "function", "name": "spawn_agent", "description": "Spawn.", "parameters": {"type": "object"}}]},
+        {"type": "web_search", "external_web_access": False}],
+        "text": {"format": {"type": "json_schema", "name": "X", "schema": {"type": "object"}, "strict": True}}}
+    chat, _ = cmp.chat_body_from_responses(body)
+    assert [tool["function"]["name"] for tool in chat["tools"]] == ["exec", "spawn_agent"]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "spawn_agent"}}
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "X", "schema": {"type": "object"}, "strict": True}}
+    assert cmp.namespaces_of(body["tools"]) == {"spawn_agent": "multi_agent_v1"}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m"}, "input"),
+    ({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+     "input[0].content[0]"),
+    ({"model": "m", "input": "hi", "tools": [{"type": "unknown_kind"}]}, "tools[0]"),
+    ({"model": "m", "input": "hi", "instructions": 7}, "instructions"),
+])
+def test_bad_responses_requests_are_400s_naming_the_field(body, param):
+    with pytest.raises(ApiError) as caught:
+        cmp.chat_body_from_responses(body)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
 # ── 5. The CLI process ──────────────────────────────────────────────────────
 
 def test_argv_has_no_prompt_and_only_flag_equals_value_forms():
@@ -1475,6 +1562,85 @@ def test_tool_call_chunks_carry_id_and_name_on_the_first_fragment_only():
     legacy = cmp.Reply("m", legacy_functions=True)
     assert legacy.tool_call_chunk(cmp.ToolCallDelta(0, "", id="toolu_2", name="f"))["choices"][0]["delta"] == {
         "function_call": {"name": "f", "arguments": ""}}
+
+
+# The Responses API answer.
+
+def build(events, echo=None, namespaces=()):
+    builder = cmp.ResponseBuilder(echo or {"model": "m"}, namespaces)
+    return builder, builder.start() + [frame for event in events for frame in builder.feed(event)]
+
+
+def test_a_text_answer_as_responses_events():
+    builder, frames = build([TextDelta("Hmm.", reasoning=True), TextDelta("Hel"), TextDelta("lo"),
+                             TurnEnd("end_turn", Usage(10, 5, cache_read_tokens=3), "Hello", "Hmm.")])
+    assert [f["type"] for f in frames] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
+    message_id = frames[8]["item"]["id"]
+    assert message_id.startswith("msg_") and all(f["item_id"] == message_id for f in frames[9:14])
+    assert frames[12]["text"] == "Hello" and frames[14]["item"]["content"] == [
+        {"type": "output_text", "text": "Hello", "annotations": []}]
+    final = frames[-1]["response"]
+    assert final == builder.response and final["status"] == "completed" and final["output_text"] == "Hello"
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["summary"] == [{"type": "summary_text", "text": "Hmm."}]
+    assert final["usage"] == {"input_tokens": 13, "input_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 0},
+                              "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 18}
+    assert frames[0]["response"]["status"] == "in_progress" and frames[0]["response"]["output"] == []
+
+
+def test_function_calls_as_responses_items():
+    _, frames = build([cmp.ToolCallDelta(0, "", id="toolu_01Ab", name="spawn_agent"), cmp.ToolCallDelta(0, '{"a"'),
+                       cmp.ToolCallDelta(0, ": 1}"), cmp.ToolCallDelta(1, "", id="toolu_02", name="exec"),
+                       cmp.ToolCallDelta(1, "{}"), TurnEnd("tool_use", Usage(10, 20))],
+                      namespaces={"spawn_agent": "multi_agent_v1"})
+    added = [f["item"] for f in frames if f["type"] == "response.output_item.added"]
+    assert [(i["type"], i["call_id"], i["name"], i["arguments"]) for i in added] == [
+        ("function_call", "call_01Ab", "spawn_agent", ""), ("function_call", "call_02", "exec", "")]
+    assert added[0]["namespace"] == "multi_agent_v1" and "namespace" not in added[1]
+    deltas = [f["delta"] for f in frames if f["type"] == "response.function_call_arguments.delta"]
+    assert deltas == ['{"a"', ": 1}", "{}"]
+    done = [f for f in frames if f["type"] == "response.function_call_arguments.done"]
+    assert [(f["arguments"], f["output_index"]) for f in done] == [('{"a": 1}', 0), ("{}", 1)]
+    final = frames[-1]["response"]
+    assert final["status"] == "completed" and final["output_text"] == ""
+    assert [item["status"] for item in final["output"]] == ["completed", "completed"]
+
+
+def test_a_cut_answer_is_incomplete_and_a_failure_is_failed():
+    _, frames = build([TextDelta("trunc"), TurnEnd("max_tokens", Usage(1, 3), "trunc")])
+    assert frames[-1]["type"] == "response.incomplete"
+    assert frames[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert frames[-1]["response"]["output"][0]["status"] == "incomplete"
+    builder, _ = build([TextDelta("Hel")])
+    failed = builder.fail(ApiError(429, "Claude usage or rate limit reached", code="rate_limit_exceeded"))
+    assert [f["type"] for f in failed] == ["response.failed"]
+    assert failed[0]["response"]["error"] == {"code": "rate_limit_exceeded",
+                                              "message": "Claude usage or rate limit reached"}
+
+
+def test_the_stored_conversation_follows_the_chain_and_forgets():
+    now = [0.0]
+    store = cmp.ResponseStore(limit=2, seconds=60, clock=lambda: now[0])
+    store.put({"id": "resp_1"}, [{"role": "user", "content": "1"}], None)
+    store.put({"id": "resp_2"}, [{"role": "user", "content": "2"}], "resp_1")
+    assert [m["content"] for m in store.conversation("resp_2")] == ["1", "2"]
+    store.put({"id": "resp_3"}, [{"role": "user", "content": "3"}], "resp_2")  # the oldest goes
+    with pytest.raises(ApiError) as caught:
+        store.conversation("resp_3")
+    assert (caught.value.status, caught.value.code, caught.value.param) == (
+        404, "response_not_found", "previous_response_id")
+    assert store.get("resp_3") == {"id": "resp_3"}
+    now[0] = 61
+    with pytest.raises(ApiError):
+        store.get("resp_3")
 
 
 # ── 8. The HTTP server, with the fake `claude` (fast) ───────────────────────
@@ -2045,6 +2211,95 @@ def test_a_tool_schema_the_cli_rejects_is_a_400(client, fake):
     assert "get_time" in reply.error["message"]
 
 
+
+# The Responses API, with the fake `claude`.
+
+def test_a_response(client):
+    reply = client.respond(instructions="Be brief.", metadata={"k": "v"})
+    body = reply.json()
+    assert reply.status == 200 and body["object"] == "response" and body["id"].startswith("resp_")
+    assert (body["status"], body["output_text"], body["model"]) == ("completed", "Hello world", "claude-sonnet-4")
+    assert (body["instructions"], body["metadata"], body["store"]) == ("Be brief.", {"k": "v"}, True)
+    assert [(item["type"], item["role"], item["content"][0]["text"]) for item in body["output"]] == [
+        ("message", "assistant", "Hello world")]
+    assert body["usage"]["input_tokens"] == 132 and body["usage"]["output_tokens"] == 3
+
+
+def test_a_response_stream_is_named_events_without_done(client, fake):
+    fake.play("thinking")
+    reply, events = client.respond_streaming()
+    assert reply.status == 200 and reply.getheader("Content-Type").startswith("text/event-stream")
+    assert all(name == data["type"] for name, data in events)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert events[0][0] == "response.created" and events[-1][0] == "response.completed"
+    assert "".join(d["delta"] for n, d in events if n == "response.output_text.delta") == "Hello"
+    assert "".join(d["delta"] for n, d in events if n == "response.reasoning_summary_text.delta") == "Let me think. "
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_calls_in_a_response(client, fake, stream):
+    fake.play("tool_calls")
+    tools = [dict(WEATHER["function"], type="function"), dict(CLOCK["function"], type="function")]
+    if stream:
+        _, events = client.respond_streaming(tools=tools, input="Weather in Zürich?")
+        output = events[-1][1]["response"]["output"]
+        assert "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta") == ZURICH + "{}"
+    else:
+        output = client.respond(tools=tools, input="Weather in Zürich?").json()["output"]
+    assert [item["type"] for item in output] == ["message", "function_call", "function_call"]
+    assert [(item["call_id"], item["name"], item["arguments"]) for item in output[1:]] == [
+        ("call_1", "get_weather", ZURICH), ("call_2", "get_time", "{}")]
+
+
+def test_previous_response_id_supplies_the_conversation(client, fake):
+    fake.play("tool_calls")
+    tools = [dict(WEATHER["function"], type="function")]
+    first = client.respond(tools=tools, instructions="Be brief.", input="Weather in Zürich?").json()
+    call = first["output"][1]
+    fake.play("echo")
+    follow_up = client.respond(tools=tools, previous_response_id=first["id"], instructions="Be brief.",
+                               input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}])
+    seen = json.loads(follow_up.json()["output_text"])
+    turns = [line["message"]["content"] for line in seen["stdin"] if line["type"] in ("user", "assistant")]
+    assert turns[0] == [{"type": "text", "text": "Weather in Zürich?"}]
+    assert turns[1][0] == {"type": "text", "text": "Let me check."}
+    assert [(b["id"], b["name"]) for b in turns[1][1:]] == [("call_1", "get_weather")]  # get_time was not offered
+    assert turns[2] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]
+    assert follow_up.json()["previous_response_id"] == first["id"]
+
+
+def test_previous_response_id_of_an_unknown_response_is_a_404(client):
+    reply = client.respond(previous_response_id="resp_nope")
+    assert (reply.status, reply.error["code"], reply.error["param"]) == (404, "response_not_found",
+                                                                          "previous_response_id")
+
+
+def test_stored_responses_can_be_read_and_deleted(client):
+    kept = client.respond().json()
+    assert client.call("GET", f"/v1/responses/{kept['id']}").json() == kept
+    assert client.call("DELETE", f"/v1/responses/{kept['id']}").json() == {
+        "id": kept["id"], "object": "response", "deleted": True}
+    assert client.call("GET", f"/v1/responses/{kept['id']}").status == 404
+    unkept = client.respond(store=False).json()
+    assert client.call("GET", f"/v1/responses/{unkept['id']}").status == 404
+    wrong = client.call("PUT", f"/v1/responses/{kept['id']}")
+    assert (wrong.status, wrong.headers["allow"]) == (405, "GET, DELETE")
+
+
+def test_a_response_that_fails_before_streaming_keeps_its_status(client, fake):
+    fake.play("rate_limit")
+    reply, events = client.respond_streaming()
+    assert reply.status == 429 and events == []
+
+
+def test_a_response_that_fails_mid_stream_ends_with_response_failed(client, fake):
+    fake.play("drop_then_different")
+    reply, events = client.respond_streaming()
+    assert reply.status == 200
+    assert [name for name, _ in events][-2:] == ["response.output_text.delta", "response.failed"]
+    assert events[-1][1]["response"]["error"]["code"] == "upstream_stream_restarted"
+
+
 # ── 8b. Integration: the real CLI against the fake Anthropic API ────────────
 
 def test_real_completion(real_client, upstream):
@@ -2424,3 +2679,47 @@ def test_real_schema_the_cli_rejects_is_a_400(real_client, upstream):
     reply = real_client.chat(tools=[bad, CLOCK])
     assert (reply.status, reply.error["code"]) == (400, "invalid_tool_schema")
     assert "rejected the JSON schema of f;" in reply.error["message"]
+
+
+# The Responses API through the real CLI.
+
+def test_real_responses_items_reach_upstream_as_roles_and_blocks(real_client, upstream):
+    reply = real_client.respond(instructions="INSTRUCTIONS-MARKER", tools=[dict(WEATHER["function"], type="function")],
+                                input=[
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "DEVELOPER-MARKER"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Rome?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "call_r", "name": "get_weather", "arguments": "{\"city\": \"Rome\"}"},
+        {"type": "function_call_output", "call_id": "call_r", "output": "sunny"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Thanks."}]}])
+    assert reply.status == 200 and reply.json()["output_text"] == "Hello from fake upstream."
+    assert "INSTRUCTIONS-MARKER\\n\\nDEVELOPER-MARKER" in json.dumps(upstream.last["system"])
+    turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
+    assert [m["role"] for m in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"] == [{"type": "text", "text": "Checking."}, {
+        "type": "tool_use", "id": "call_r", "name": "get_weather", "input": {"city": "Rome"}}]
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_r", "content": "sunny"}
+    assert user_texts(upstream.last) == [["Weather in Rome?"], ["Thanks."]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_responses_function_call_round_trip(real_client, upstream, stream):
+    upstream.script = [tool_use(("toolu_01Rt", "get_weather", {"city": "Oslo"}))]
+    upstream.default = answer("Sunny in Oslo.")
+    tools = [dict(WEATHER["function"], type="function")]
+    if stream:
+        _, events = real_client.respond_streaming(tools=tools, input="Weather in Oslo?")
+        first = events[-1][1]["response"]
+    else:
+        first = real_client.respond(tools=tools, input="Weather in Oslo?").json()
+    call = first["output"][0]
+    assert (call["type"], call["call_id"], call["name"], json.loads(call["arguments"])) == (
+        "function_call", "call_01Rt", "get_weather", {"city": "Oslo"})
+    # As openai-agents sends it: only the output, and the stored response supplies the rest.
+    final = real_client.respond(tools=tools, previous_response_id=first["id"], input=[
+        {"type": "function_call_output", "call_id": "call_01Rt", "output": "sunny"}]).json()
+    assert final["output_text"] == "Sunny in Oslo."
+    turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
+    assert turns[1]["content"] == [{"type": "tool_use", "id": "call_01Rt", "name": "get_weather",
+                                    "input": {"city": "Oslo"}}]
+    assert turns[2]["content"] == [{"type": "tool_result", "tool_use_id": "call_01Rt", "content": "sunny"}]

@@ -1,4 +1,4 @@
-"""claude-max-proxy: OpenAI's Chat Completions API over the Claude Code CLI.
+"""claude-max-proxy: OpenAI's Chat Completions and Responses APIs over the Claude Code CLI.
 
 Run `python3 claude_max_proxy.py` and point any OpenAI-compatible tool at
 http://127.0.0.1:3456/v1. Each request drives the official `claude -p` in
@@ -11,8 +11,10 @@ Sections, in the order a request travels:
 One thread per connection, and two per CLI child (a stdout reader, a stdin
 writer), so a request thread never blocks on a pipe and can watch its deadline
 and its client. Requests share the read-only Config and, behind locks on the
-server object, the admission gate and the set of live CLI children.
-Not supported: n > 1, logprobs, audio.
+server object, the admission gate, the set of live CLI children and the
+stored Responses API responses. A Responses API request is turned into a chat
+request (section 4), and the turn's events into its items (section 7).
+Not supported: n > 1, logprobs, audio, files, OpenAI's hosted tools.
 Standard library only, Python 3.9 to 3.13.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     env = lambda name: environ.get(ENV_PREFIX + name)  # noqa: E731
     parser = argparse.ArgumentParser(
         prog="claude_max_proxy.py",
-        description="Serve OpenAI's /v1/chat/completions from your Claude subscription "
+        description="Serve OpenAI's /v1/chat/completions and /v1/responses from your Claude subscription "
                     "through the Claude Code CLI. Every option can also be set with the "
                     "environment variable shown in its help.")
     add = parser.add_argument
@@ -1482,7 +1484,7 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
     return ApiError(502, f"Claude Code reported an error: {message}", code="upstream_error")
 
 
-# ── 7. The OpenAI response: events → chat.completion(.chunk) dicts (pure) ───
+# ── 7. The OpenAI response: events → chat.completion(.chunk) / response dicts (pure)
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "model_context_window_exceeded": "length", "tool_use": "tool_calls",
@@ -1706,7 +1708,7 @@ class ResponseBuilder:
         return [dict(message, tool_calls=calls) if calls else message]
 
 
-# ── 8. The HTTP server: routes, admission, SSE (I/O) ────────────────────────
+# ── 8. The HTTP server: routes, admission, stored responses, SSE (I/O) ─────
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
 QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot

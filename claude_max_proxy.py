@@ -702,7 +702,7 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
 
 def response_echo(body: dict) -> dict:
     """The request's settings, as a response object repeats them."""
-    echo = {"model": body.get("model"), "instructions": body.get("instructions"),
+    return {"model": body.get("model"), "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"),
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
             "previous_response_id": body.get("previous_response_id"),
@@ -711,7 +711,6 @@ def response_echo(body: dict) -> dict:
             "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
             "metadata": body.get("metadata") or {}}
-    return echo
 
 
 def _tool_type(tool: object) -> Optional[str]:
@@ -733,8 +732,13 @@ def _flat_functions(tools: list) -> List[dict]:
 
 def namespaces_of(tools: object) -> Dict[str, str]:
     """Each function's namespace, for the calls that come back."""
-    return {function.get("name"): tool.get("name") for tool in tools if _tool_type(tool) == "namespace"
-            for function in tool.get("tools") or [] if isinstance(function, dict)} if isinstance(tools, list) else {}
+    namespaces = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if _tool_type(tool) == "namespace":
+            for function in tool.get("tools") or []:
+                if isinstance(function, dict):
+                    namespaces[function.get("name")] = tool.get("name")
+    return namespaces
 
 
 def _chat_tool_choice(choice: object) -> object:

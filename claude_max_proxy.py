@@ -665,8 +665,6 @@ class OpenToolCalls:
 
 RESPONSES_FIELDS = {"model": "model", "stream": "stream", "temperature": "temperature", "top_p": "top_p",
                     "parallel_tool_calls": "parallel_tool_calls", "max_output_tokens": "max_completion_tokens"}
-HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "code_interpreter",
-                "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
 
 
 def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tuple[dict, List[dict]]:
@@ -674,7 +672,8 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
 
     `earlier` is the conversation a previous_response_id stands for, as chat
     messages. Claude Code cannot run hosted tools (web_search and the like),
-    so they are left out; a namespace's functions are offered one by one.
+    and free-form `custom` tools have no JSON schema: every tool but a function
+    is left out, and a namespace's functions are offered one by one.
     """
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
@@ -686,15 +685,15 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
     reasoning = _optional(body, "reasoning", (dict,), {}) or {}
     if reasoning.get("effort") is not None:
         chat["reasoning_effort"] = reasoning["effort"]
-    text_format = (_optional(body, "text", (dict,), {}) or {}).get("format")
+    text_format = _optional(_optional(body, "text", (dict,), {}) or {}, "format", (dict,), None, param="text.format")
     if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {
             key: text_format[key] for key in ("name", "schema", "strict", "description") if key in text_format}}
     elif text_format is not None:
         chat["response_format"] = text_format
-    tools = [tool for tool in _optional(body, "tools", (list,), []) if _tool_type(tool) not in HOSTED_TOOLS]
-    if tools:
-        chat["tools"] = [{"type": "function", "function": function} for function in _flat_functions(tools)]
+    functions = _flat_functions(_optional(body, "tools", (list,), []))
+    if functions:
+        chat["tools"] = [{"type": "function", "function": function} for function in functions]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
     return chat, new
@@ -719,14 +718,11 @@ def _tool_type(tool: object) -> Optional[str]:
 
 def _flat_functions(tools: list) -> List[dict]:
     functions = []
-    for i, tool in enumerate(tools):
+    for tool in tools:
         if _tool_type(tool) == "namespace" and isinstance(tool.get("tools"), list):
             functions += _flat_functions(tool["tools"])
         elif _tool_type(tool) == "function":
             functions.append({key: value for key, value in tool.items() if key != "type"})
-        else:
-            raise ApiError(400, f"tools[{i}] has type '{_tool_type(tool)}'; Claude Code can be given "
-                                "function tools (and namespaces of them).", param=f"tools[{i}]")
     return functions
 
 
@@ -749,7 +745,8 @@ def _chat_tool_choice(choice: object) -> object:
         return {"type": "allowed_tools", "allowed_tools": {
             "mode": choice.get("mode", "auto"),
             "tools": [{"type": "function", "function": {"name": tool.get("name")}}
-                      for tool in choice.get("tools") or [] if isinstance(tool, dict)]}}
+                      for tool in choice.get("tools") if isinstance(tool, dict)]
+            if isinstance(choice.get("tools"), list) else None}}
     return choice  # "auto", "none", "required"; anything else is refused as a bad tool_choice
 
 
@@ -766,8 +763,11 @@ def input_messages(items: object) -> List[dict]:
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _message_content(item.get("content"), where)})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
+                raise ApiError(400, f"{where} must have a 'call_id', a 'name' and 'arguments' (a JSON string).",
+                               param=where)
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
             if messages and messages[-1]["role"] == "assistant":  # one assistant turn, however many calls
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -1633,6 +1633,15 @@ class ResponseBuilder:
                                 output_index=len(self.output) - 1, delta=event.arguments)]
         return self._end(event)
 
+    def whole(self, end: TurnEnd):
+        """Build the response from a finished turn (no stream: a retried attempt left no trace)."""
+        events: list = [TextDelta(end.reasoning, reasoning=True)] if end.reasoning else []
+        events += [TextDelta(end.text)] if end.text else []
+        for index, call in enumerate(end.tool_calls):
+            events += [ToolCallDelta(index, "", id=call.id, name=call.name), ToolCallDelta(index, call.arguments)]
+        for event in [*events, end]:
+            self.feed(event)
+
     def _add(self, item: dict) -> List[dict]:
         self.open = item
         self.output.append(item)
@@ -1700,14 +1709,17 @@ class ResponseBuilder:
         return out + [self._event("response.completed", response=self._snapshot())]
 
     def fail(self, err: ApiError) -> List[dict]:
-        self.response.update(status="failed", error={"code": err.code or err.error_type, "message": err.message})
+        # OpenAI's clients accept only its own codes here; ours goes in `type`.
+        code = "rate_limit_exceeded" if err.status == 429 else "invalid_prompt" if err.status < 500 else "server_error"
+        self.response.update(status="failed", error={"code": code, "message": err.message, "param": err.param,
+                                                     "type": err.code or err.error_type})
         return [self._event("response.failed", response=self._snapshot())]
 
     def chat_messages(self) -> List[dict]:
         """The output as chat messages, for a later previous_response_id."""
         calls = [{"id": item["call_id"], "type": "function",
                   "function": {"name": item["name"], "arguments": item["arguments"]}}
-                 for item in self.output if item["type"] == "function_call"]
+                 for item in self.output if item["type"] == "function_call" and item["status"] == "completed"]
         message = {"role": "assistant", "content": self.response.get("output_text") or None}
         return [dict(message, tool_calls=calls) if calls else message]
 
@@ -1725,8 +1737,9 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 ROUTES = {"/health": ("GET",), "/models": ("GET",), "/models/": ("GET",), "/chat/completions": ("POST",),
           "/responses": ("POST",), "/responses/": ("GET", "DELETE")}
-STORED_RESPONSES = 1000            # previous_response_id reaches this many responses back
-STORED_SECONDS = 3600              # and for this long
+STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
+STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
+STORED_SECONDS = 3600              # for this long each
 
 
 def json_bytes(body: object) -> bytes:
@@ -1779,49 +1792,52 @@ class AdmissionGate:
 class ResponseStore:
     """Recent Responses API responses, so a client may send only what is new.
 
-    Each keeps the chat messages it added (its input and its output) and the
-    response it followed, so a chain is rebuilt by walking back, and memory
-    grows with the conversation, not with its square.
+    Each keeps its whole conversation as chat messages, so a chain does not
+    depend on the responses before it. A response that follows another shares
+    that one's message objects: a chain costs its messages once, and the
+    budget counts each request's own body.
     """
 
-    def __init__(self, limit: int = STORED_RESPONSES, seconds: float = STORED_SECONDS, clock=time.monotonic):
-        self.limit, self.seconds, self.clock = limit, seconds, clock
-        self._items: "OrderedDict[str, Tuple[float, dict, List[dict], Optional[str]]]" = OrderedDict()
+    def __init__(self, limit: int = STORED_RESPONSES, max_bytes: int = STORED_BYTES,
+                 seconds: float = STORED_SECONDS, clock=time.monotonic):
+        self.limit, self.max_bytes, self.seconds, self.clock = limit, max_bytes, seconds, clock
+        self._items: "OrderedDict[str, Tuple[float, dict, List[dict], int]]" = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, response: dict, messages: List[dict], previous: Optional[str]):
+    def put(self, response: dict, conversation: List[dict], size: int):
         with self._lock:
-            self._items[response["id"]] = (self.clock(), response, messages, previous)
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            self._items[response["id"]] = (self.clock(), response, conversation, size)
+            self._bytes += size
+            self._forget(lambda: len(self._items) > self.limit or self._bytes > self.max_bytes)
 
     def get(self, response_id: str) -> dict:
         return self._find(response_id)[1]
 
     def conversation(self, response_id: str) -> List[dict]:
-        """The chat messages of the whole chain that ends with this response."""
-        chain: List[List[dict]] = []
-        previous: Optional[str] = response_id
-        while previous is not None:
-            _, _, messages, previous = self._find(previous, param="previous_response_id")
-            chain.append(messages)
-        return [message for messages in reversed(chain) for message in messages]
+        """The chat messages of the conversation that ends with this response."""
+        return self._find(response_id, param="previous_response_id")[2]
 
     def delete(self, response_id: str):
         self._find(response_id)
         with self._lock:
-            self._items.pop(response_id, None)
+            forgotten = self._items.pop(response_id, None)
+            self._bytes -= forgotten[3] if forgotten else 0
 
     def _find(self, response_id: str, param: Optional[str] = None) -> tuple:
         with self._lock:
-            while self._items and self.clock() - next(iter(self._items.values()))[0] > self.seconds:
-                self._items.popitem(last=False)
+            self._forget(lambda: False)
             found = self._items.get(response_id)
         if found is None:
             raise ApiError(404, f"No stored response with id '{response_id}': this proxy keeps the last "
                                 f"{self.limit} responses for {self.seconds / 60:g} minutes, in memory.",
                            code="response_not_found", param=param)
         return found
+
+    def _forget(self, too_many):
+        """Drop the oldest responses while they are too old or `too_many()`."""
+        while self._items and (too_many() or self.clock() - next(iter(self._items.values()))[0] > self.seconds):
+            self._bytes -= self._items.popitem(last=False)[1][3]
 
 
 def host_allowed(host_header: Optional[str], config: Config) -> bool:
@@ -1921,6 +1937,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Reset the per-request state: one connection carries many requests."""
         self.started = time.monotonic()
         self.sse_started = self.body_read = False
+        self.body_length = 0
         self.builder: Optional[ResponseBuilder] = None  # a Responses API answer being written
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
@@ -2020,7 +2037,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(413, f"The request body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
                            code="request_too_large")
         raw = self.rfile.read(length)
-        self.body_read = True
+        self.body_read, self.body_length = True, length
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:
@@ -2054,22 +2071,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def create_response(self):
         body = self.read_body()
         previous = _optional(body, "previous_response_id", (str,), None) if isinstance(body, dict) else None
-        chat, new_messages = chat_body_from_responses(body, self.server.stored.conversation(previous)
-                                                      if previous else ())
+        earlier = self.server.stored.conversation(previous) if previous else []
+        chat, new_messages = chat_body_from_responses(body, earlier)
         request = parse_chat_request(chat)
         self.builder = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
 
         def keep():  # before the client hears of the response, so its next request finds it
             if body.get("store", True) is not False:
-                self.server.stored.put(self.builder.response, new_messages + self.builder.chat_messages(),
-                                       previous)
+                self.server.stored.put(self.builder.response, earlier + new_messages + self.builder.chat_messages(),
+                                       size=self.body_length + len(json_bytes(self.builder.output)))
         with closing(self.answer(request)) as events:
             if request.stream:
                 self.send_response_stream(events, keep)
             else:
-                for event in events:
-                    if event is not None:
-                        self.builder.feed(event)
+                self.builder.whole([event for event in events if isinstance(event, TurnEnd)][-1])
                 keep()
                 self.send_json(200, self.builder.response)
 
@@ -2164,7 +2179,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 keep()
             for frame in frames:
                 self.write_event(frame)
-        self.write_chunk(b"")
+            if isinstance(event, TurnEnd):
+                self.write_chunk(b"")  # now: stopping the CLI can take a moment more
 
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
@@ -2221,8 +2237,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.begin_request()
         self.close_connection = True
         if code == 501:  # a method we have no do_* for
-            err = ApiError(405, f"{self.command} is not supported; use GET or POST.",
-                           code="method_not_allowed", headers=[("Allow", "GET, POST, OPTIONS")])
+            err = ApiError(405, f"{self.command} is not supported; use GET, POST or DELETE.",
+                           code="method_not_allowed", headers=[("Allow", "GET, POST, DELETE, OPTIONS")])
         else:
             err = ApiError(code, message or self.responses.get(code, ("Bad request",))[0] + ".",
                            code="bad_request")
@@ -2231,11 +2247,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_preflight(self):
         origin = self.headers.get("Origin")
-        headers = [("Allow", "GET, POST, OPTIONS")]
+        headers = [("Allow", "GET, POST, DELETE, OPTIONS")]
         if origin:
             requested = self.headers.get("Access-Control-Request-Headers", "")
             allowed = requested if HEADER_LIST.fullmatch(requested.strip()) else "authorization, content-type"
-            headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            headers += [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
                         ("Access-Control-Allow-Headers", allowed), ("Access-Control-Max-Age", "600")]
         self.send_head(204, [*headers, ("Content-Length", "0")])
 

@@ -1175,6 +1175,13 @@ def test_responses_tools_are_flattened_and_hosted_ones_left_out():
     assert chat["response_format"] == {"type": "json_schema", "json_schema": {
         "name": "X", "schema": {"type": "object"}, "strict": True}}
     assert cmp.namespaces_of(body["tools"]) == {"spawn_agent": "multi_agent_v1"}
+    others = [{"type": "tool_search"}, {"type": "custom", "name": "apply_patch"},
+              {"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "c"}]}]
+    assert "tools" not in cmp.chat_body_from_responses({"model": "m", "input": "hi", "tools": others})[0]
+    broken = {"model": "sonnet", "input": "hi", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": 5}}
+    with pytest.raises(ApiError) as caught:
+        cmp.parse_chat_request(cmp.chat_body_from_responses(dict(broken, tools=body["tools"]))[0])
+    assert (caught.value.status, caught.value.param) == (400, "tool_choice")
 
 
 @pytest.mark.parametrize("body, param", [
@@ -1182,7 +1189,8 @@ def test_responses_tools_are_flattened_and_hosted_ones_left_out():
     ({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
     ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0]"),
-    ({"model": "m", "input": "hi", "tools": [{"type": "unknown_kind"}]}, "tools[0]"),
+    ({"model": "m", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0]"),
+    ({"model": "m", "input": "hi", "text": {"format": "json"}}, "text.format"),
     ({"model": "m", "input": "hi", "instructions": 7}, "instructions"),
 ])
 def test_bad_responses_requests_are_400s_naming_the_field(body, param):
@@ -1622,26 +1630,57 @@ def test_a_cut_answer_is_incomplete_and_a_failure_is_failed():
     builder, _ = build([TextDelta("Hel")])
     failed = builder.fail(ApiError(429, "Claude usage or rate limit reached", code="rate_limit_exceeded"))
     assert [f["type"] for f in failed] == ["response.failed"]
-    assert failed[0]["response"]["error"] == {"code": "rate_limit_exceeded",
-                                              "message": "Claude usage or rate limit reached"}
+    assert failed[0]["response"]["error"] == {"code": "rate_limit_exceeded", "type": "rate_limit_exceeded",
+                                              "message": "Claude usage or rate limit reached", "param": None}
+    # OpenAI's clients accept only OpenAI's codes in a failed response.
+    timeout = builder.fail(ApiError(504, "Claude did not finish", code="timeout"))[0]["response"]["error"]
+    assert (timeout["code"], timeout["type"]) == ("server_error", "timeout")
 
 
-def test_the_stored_conversation_follows_the_chain_and_forgets():
+def test_a_call_cut_short_is_not_kept_for_the_next_turn():
+    builder, _ = build([cmp.ToolCallDelta(0, "", id="toolu_1", name="f"), cmp.ToolCallDelta(0, "{}"),
+                        cmp.ToolCallDelta(1, "", id="toolu_2", name="f"), cmp.ToolCallDelta(1, '{"a": "x'),
+                        TurnEnd("max_tokens", Usage(1, 3))])
+    assert builder.chat_messages() == [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+
+
+def test_a_whole_turn_builds_the_same_response_as_its_stream():
+    end = TurnEnd("tool_use", Usage(10, 20), "Checking.", "Hmm.", (cmp.ToolCall("toolu_1", "f", "{}"),))
+    streamed, _ = build([TextDelta("Hmm.", reasoning=True), TextDelta("Check"), TextDelta("ing."),
+                         cmp.ToolCallDelta(0, "", id="toolu_1", name="f"), cmp.ToolCallDelta(0, "{}"), end])
+    whole = cmp.ResponseBuilder({"model": "m"})
+    whole.whole(end)
+    strip = lambda r: [{k: v for k, v in item.items() if k != "id"} for item in r["output"]]  # noqa: E731
+    assert strip(whole.response) == strip(streamed.response)
+    assert whole.response["output_text"] == "Checking." and whole.response["status"] == "completed"
+
+
+def test_stored_responses_are_forgotten_by_age_count_and_size():
     now = [0.0]
-    store = cmp.ResponseStore(limit=2, seconds=60, clock=lambda: now[0])
-    store.put({"id": "resp_1"}, [{"role": "user", "content": "1"}], None)
-    store.put({"id": "resp_2"}, [{"role": "user", "content": "2"}], "resp_1")
+    store = cmp.ResponseStore(limit=3, max_bytes=100, seconds=60, clock=lambda: now[0])
+    first = [{"role": "user", "content": "1"}]
+    store.put({"id": "resp_1"}, first, size=10)
+    now[0] = 50
+    store.put({"id": "resp_2"}, first + [{"role": "user", "content": "2"}], size=10)
+    now[0] = 70  # resp_1 is too old now; resp_2, which followed it, still holds the whole conversation
     assert [m["content"] for m in store.conversation("resp_2")] == ["1", "2"]
-    store.put({"id": "resp_3"}, [{"role": "user", "content": "3"}], "resp_2")  # the oldest goes
     with pytest.raises(ApiError) as caught:
-        store.conversation("resp_3")
+        store.conversation("resp_1")
     assert (caught.value.status, caught.value.code, caught.value.param) == (
         404, "response_not_found", "previous_response_id")
-    assert store.get("resp_3") == {"id": "resp_3"}
-    now[0] = 61
+    store.put({"id": "resp_3"}, [], size=10)
+    store.put({"id": "resp_4"}, [], size=10)
+    store.put({"id": "resp_5"}, [], size=10)  # a fourth: the oldest goes
     with pytest.raises(ApiError):
-        store.get("resp_3")
-
+        store.get("resp_2")
+    store.put({"id": "resp_6"}, [], size=85)  # over the byte budget: the oldest go until it fits
+    with pytest.raises(ApiError):
+        store.get("resp_4")
+    assert store.get("resp_5") == {"id": "resp_5"} and store.get("resp_6") == {"id": "resp_6"}
+    store.delete("resp_6")
+    with pytest.raises(ApiError):
+        store.get("resp_6")
 
 # ── 8. The HTTP server, with the fake `claude` (fast) ───────────────────────
 
@@ -2286,6 +2325,11 @@ def test_stored_responses_can_be_read_and_deleted(client):
     assert (wrong.status, wrong.headers["allow"]) == (405, "GET, DELETE")
 
 
+def test_a_response_without_streaming_is_the_retry_alone(client, fake):
+    fake.play("drop_then_same")  # "Hello " is sent, dropped, then "Hello world" comes again
+    assert client.respond().json()["output_text"] == "Hello world"
+
+
 def test_a_response_that_fails_before_streaming_keeps_its_status(client, fake):
     fake.play("rate_limit")
     reply, events = client.respond_streaming()
@@ -2297,7 +2341,7 @@ def test_a_response_that_fails_mid_stream_ends_with_response_failed(client, fake
     reply, events = client.respond_streaming()
     assert reply.status == 200
     assert [name for name, _ in events][-2:] == ["response.output_text.delta", "response.failed"]
-    assert events[-1][1]["response"]["error"]["code"] == "upstream_stream_restarted"
+    assert events[-1][1]["response"]["error"]["type"] == "upstream_stream_restarted"
 
 
 # ── 8b. Integration: the real CLI against the fake Anthropic API ────────────

@@ -1751,6 +1751,11 @@ def shutting_down() -> ApiError:
     return ApiError(503, "The server is shutting down.", code="shutting_down")
 
 
+def turn_end(events: Iterator) -> TurnEnd:
+    """The turn's end, read without waiting for its CLI to stop: that happens after the reply."""
+    return next(event for event in events if isinstance(event, TurnEnd))
+
+
 class ClientGone(Exception):
     """The client closed its connection; stop working for it."""
 
@@ -2064,8 +2069,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if request.stream:
                 self.send_stream(reply, events)
             else:
-                end = [event for event in events if isinstance(event, TurnEnd)][-1]
-                self.send_json(200, reply.completion(end))
+                self.send_json(200, reply.completion(turn_end(events)))
 
     # ── responses (not `responses`: BaseHTTPRequestHandler.responses holds the status phrases) ──
     def create_response(self):
@@ -2084,7 +2088,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if request.stream:
                 self.send_response_stream(events, keep)
             else:
-                self.builder.whole([event for event in events if isinstance(event, TurnEnd)][-1])
+                self.builder.whole(turn_end(events))
                 keep()
                 self.send_json(200, self.builder.response)
 

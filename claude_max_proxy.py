@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("claude-max-proxy")
 

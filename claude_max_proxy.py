@@ -712,16 +712,17 @@ def response_echo(body: dict) -> dict:
             "metadata": body.get("metadata") or {}}
 
 
-def _tool_type(tool: object) -> Optional[str]:
-    return tool.get("type") if isinstance(tool, dict) else None
+def _type_of(thing: object) -> Optional[str]:
+    """The `type` of a tool, an input item or a content part, if it is an object."""
+    return thing.get("type") if isinstance(thing, dict) else None
 
 
 def _flat_functions(tools: list) -> List[dict]:
     functions = []
     for tool in tools:
-        if _tool_type(tool) == "namespace" and isinstance(tool.get("tools"), list):
+        if _type_of(tool) == "namespace" and isinstance(tool.get("tools"), list):
             functions += _flat_functions(tool["tools"])
-        elif _tool_type(tool) == "function":
+        elif _type_of(tool) == "function":
             functions.append({key: value for key, value in tool.items() if key != "type"})
     return functions
 
@@ -730,7 +731,7 @@ def namespaces_of(tools: object) -> Dict[str, str]:
     """Each function's namespace, for the calls that come back."""
     namespaces = {}
     for tool in tools if isinstance(tools, list) else []:
-        if _tool_type(tool) == "namespace":
+        if _type_of(tool) == "namespace":
             for function in tool.get("tools") or []:
                 if isinstance(function, dict):
                     namespaces[function.get("name")] = tool.get("name")
@@ -738,7 +739,7 @@ def namespaces_of(tools: object) -> Dict[str, str]:
 
 
 def _chat_tool_choice(choice: object) -> object:
-    kind = _tool_type(choice)
+    kind = _type_of(choice)
     if kind == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
     if kind == "allowed_tools":
@@ -759,7 +760,7 @@ def input_messages(items: object) -> List[dict]:
     messages: List[dict] = []
     for i, item in enumerate(items):
         where = f"input[{i}]"
-        kind = _tool_type(item) or ("message" if isinstance(item, dict) and "role" in item else None)
+        kind = _type_of(item) or ("message" if isinstance(item, dict) and "role" in item else None)
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _message_content(item.get("content"), where)})
         elif kind == "function_call":
@@ -786,7 +787,7 @@ def _message_content(content: object, where: str) -> object:
         return content
     parts = []
     for i, part in enumerate(content):
-        kind = _tool_type(part)
+        kind = _type_of(part)
         if kind in ("input_text", "output_text", "text", "refusal"):
             parts.append({"type": "text", "text": part.get("text", part.get("refusal"))})
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
@@ -889,10 +890,10 @@ def control_reply(request_id: str, response: Optional[dict] = None, error: Optio
         "subtype": "success", "request_id": request_id, "response": response or {}}})
 
 
-def deny_tool_line(request_id: str) -> bytes:
-    """Refuse a tool run and end the turn: the client runs its functions itself."""
-    return control_reply(request_id, {"behavior": "deny", "message": "The client runs this function.",
-                                      "interrupt": True})
+def deny_tool_line(request_id: str, message: str = "The client runs this function.",
+                   end_turn: bool = True) -> bytes:
+    """Refuse a tool run; by default also end the turn, since the client runs its functions itself."""
+    return control_reply(request_id, {"behavior": "deny", "message": message, "interrupt": end_turn})
 
 
 def mcp_reply(message: dict, tools: Sequence[FunctionTool]) -> dict:
@@ -1049,8 +1050,8 @@ class ClaudeProcess:
             if self.ending or not self.message_streaming:
                 self._refuse_held_permissions()
         elif subtype == "can_use_tool":  # not the client's: no tool of Claude Code's own may run
-            self.write(control_reply(request_id, {"behavior": "deny", "interrupt": False,
-                                                  "message": f"There is no tool named {request.get('tool_name')}."}))
+            self.write(deny_tool_line(request_id, f"There is no tool named {request.get('tool_name')}.",
+                                      end_turn=False))
         else:
             self.write(control_reply(request_id, error=f"claude-max-proxy does not handle {subtype}"))
 

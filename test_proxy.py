@@ -275,15 +275,18 @@ class Client:
         body.setdefault("messages", [USER])
         return self.call("POST", "/v1/chat/completions", body, headers)
 
+    def post_streaming(self, path, body, headers=None) -> tuple:
+        """POST body with stream: true; the connection and its response, unread."""
+        body = {"model": "claude-sonnet-4", **body, "stream": True}
+        conn = self.connect()
+        conn.request("POST", path, body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        return conn, conn.getresponse()
+
     def open_stream(self, headers=None, **body):
         """Send a streaming request; return the response and a lazy iterator of SSE frames."""
-        body.setdefault("model", "claude-sonnet-4")
         body.setdefault("messages", [USER])
-        body["stream"] = True
-        conn = self.connect()
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json", **(headers or {})})
-        reply = conn.getresponse()
+        conn, reply = self.post_streaming("/v1/chat/completions", body, headers)
 
         def frames():
             for line in iter(reply.readline, b""):
@@ -308,12 +311,8 @@ class Client:
 
     def respond_streaming(self, **body) -> tuple:
         """POST /v1/responses with stream: the response and its (event name, data) pairs."""
-        body.setdefault("model", "claude-sonnet-4")
         body.setdefault("input", "hi")
-        body["stream"] = True
-        conn = self.connect()
-        conn.request("POST", "/v1/responses", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        reply = conn.getresponse()
+        conn, reply = self.post_streaming("/v1/responses", body)
         events, name = [], None
         for line in iter(reply.readline, b""):
             line = line.decode().rstrip("\n")

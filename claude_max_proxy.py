@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -42,7 +43,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
@@ -232,15 +233,26 @@ class FunctionTool:
 
 
 @dataclass(frozen=True)
-class CliSettings:
-    """What a CLI process is started with; everything else arrives on stdin."""
+class LaunchSettings:
+    """What a CLI process is started with, in its argv and environment: fixed for its life."""
     model: str
-    system_prompt: str = ""
     effort: Optional[str] = None      # --effort; None leaves the CLI's default
     max_tokens: Optional[int] = None  # CLAUDE_CODE_MAX_OUTPUT_TOKENS
     thinking: bool = True             # False: CLAUDE_CODE_DISABLE_THINKING=1
+    tool_server: bool = False         # the client's functions are offered (TOOL_FLAGS)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a request gives a started CLI on stdin, in its initialize request."""
+    system_prompt: str = ""
     tools: Tuple[FunctionTool, ...] = ()  # offered to Claude; the CLI never runs them
     output_schema: Optional[dict] = None  # Claude answers through the CLI's StructuredOutput tool
+
+
+def digest(settings: object) -> str:
+    """A key for settings: the dataclasses hold dicts (schemas), so they cannot be hashed."""
+    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -252,7 +264,8 @@ class Turn:
 @dataclass(frozen=True)
 class ChatRequest:
     model: str                 # as the client named it; echoed in every response
-    settings: CliSettings
+    launch: LaunchSettings
+    session: SessionSettings
     history: Tuple[Turn, ...]  # earlier turns, oldest first
     prompt: Turn               # the final user turn, the one Claude answers
     stream: bool = False
@@ -288,16 +301,17 @@ def parse_chat_request(body: object) -> ChatRequest:
                             "Claude Code answers a response_format through its own tool of that name.",
                        param="tools")
     history, prompt = tuple(turns[:-1]), turns[-1]
-    settings = CliSettings(
-        model=cli_model, system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
-        max_tokens=_max_tokens(body), tools=tools, output_schema=output_schema, **_effort(body))
+    launch = LaunchSettings(model=cli_model, max_tokens=_max_tokens(body), tool_server=bool(tools),
+                            **_effort(body))
     if any(block["type"] == "tool_result" for block in prompt.content):
         # Claude requires the thinking that preceded a tool call to come back
         # with its result, and OpenAI clients do not keep it: answer this turn
         # without thinking rather than fail.
-        settings = replace(settings, thinking=False)
+        launch = replace(launch, thinking=False)
+    session = SessionSettings(system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
+                              tools=tools, output_schema=output_schema)
     parallel = _optional(body, "parallel_tool_calls", (bool,), True)
-    return ChatRequest(model=model, settings=settings, history=history, prompt=prompt,
+    return ChatRequest(model=model, launch=launch, session=session, history=history, prompt=prompt,
                        stream=stream, include_usage=include_usage,
                        stop=_stop_sequences(body.get("stop")),
                        one_tool_call=legacy or not parallel, legacy_functions=legacy)
@@ -798,7 +812,7 @@ def _message_content(content: object, where: str) -> object:
     return parts
 
 
-# ── 5. The CLI process: CliSettings → a running `claude -p` (I/O) ───────────
+# ── 5. The CLI process: LaunchSettings → a running `claude -p` (I/O) ────────
 
 # Built-in tools off, nothing read from settings or CLAUDE.md, nothing saved.
 # Every flag uses the --flag=value form: variadic flags swallow what follows.
@@ -815,16 +829,16 @@ TOOL_FLAGS = ("--mcp-config=" + json.dumps({"mcpServers": {TOOL_SERVER: {"type":
               "--permission-prompt-tool=stdio")
 
 
-def build_cli_argv(claude: str, settings: CliSettings) -> List[str]:
+def build_cli_argv(claude: str, settings: LaunchSettings) -> List[str]:
     argv = [claude, *CLI_FLAGS, f"--model={settings.model}"]
     if settings.effort:
         argv.append(f"--effort={settings.effort}")
-    if settings.tools:
+    if settings.tool_server:
         argv.extend(TOOL_FLAGS)
     return argv
 
 
-def build_cli_env(environ: Mapping[str, str], config: Config, settings: CliSettings) -> dict:
+def build_cli_env(environ: Mapping[str, str], config: Config, settings: LaunchSettings) -> dict:
     env = {k: v for k, v in environ.items() if config.use_api_key or k not in BILLING_VARIABLES}
     env["CLAUDE_CODE_MAX_RETRIES"] = str(config.max_retries)
     env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # Claude sees get_weather, not mcp__client__get_weather
@@ -872,7 +886,7 @@ def control_line(request_id: str, subtype: str, **fields) -> bytes:
                        "request": {"subtype": subtype, **fields}})
 
 
-def initialize_line(settings: CliSettings) -> bytes:
+def initialize_line(settings: SessionSettings) -> bytes:
     # The system prompt goes on stdin, not argv: clients send tens of KB of it.
     fields: dict = {"systemPrompt": settings.system_prompt}
     if settings.tools:
@@ -922,7 +936,7 @@ def dropped_tools(init: dict, tools: Sequence[FunctionTool]) -> List[str]:
 
 def read_cli_version(config: Config) -> str:
     """Run `claude --version`; raise RuntimeError with a one-line fix if it cannot run."""
-    env = build_cli_env(os.environ, config, CliSettings(model="sonnet"))
+    env = build_cli_env(os.environ, config, LaunchSettings(model="sonnet"))
     try:
         done = subprocess.run([config.claude, "--version"], capture_output=True, env=env, timeout=60)
     except FileNotFoundError:
@@ -942,11 +956,12 @@ def read_cli_version(config: Config) -> str:
 class ClaudeProcess:
     """One `claude -p` child speaking stream-json.
 
-    It starts with its settings and no conversation, so it can be started before
-    a request arrives, and each send_conversation() + result is one turn.
+    It starts with its launch settings and no conversation, so it can be
+    started before a request arrives; initialize() gives it a request's session,
+    and each send_conversation() + result is one turn.
     """
 
-    def __init__(self, config: Config, settings: CliSettings):
+    def __init__(self, config: Config, settings: LaunchSettings):
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")  # no CLAUDE.md, no project files
         # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
         # stdout, and a child that fills one with warnings blocks forever.
@@ -957,7 +972,7 @@ class ClaudeProcess:
         self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
         self._lock = threading.Lock()
         self.turn_finished = False
-        self.tools = settings.tools
+        self.tools: Tuple[FunctionTool, ...] = ()
         # Tool runs the CLI asks us about are refused only once Claude's message
         # is complete: refusing ends the turn, which would cut off the calls
         # Claude is still writing.
@@ -974,7 +989,10 @@ class ClaudeProcess:
             raise ApiError(502, f"Could not start the Claude Code CLI: {exc}", code="cli_failed") from None
         threading.Thread(target=self._read_stdout, name=f"cli-out-{self.popen.pid}", daemon=True).start()
         threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
-        self.write(initialize_line(settings))
+
+    def initialize(self, session: SessionSettings):
+        self.tools = session.tools
+        self.write(initialize_line(session))
 
     def _read_stdout(self):
         with self.popen.stdout:  # closed here: another thread closing it could block on its lock
@@ -1887,7 +1905,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self._handling_done.notify_all()
 
     @contextmanager
-    def cli_process(self, settings: CliSettings) -> Iterator[ClaudeProcess]:
+    def cli_process(self, settings: LaunchSettings) -> Iterator[ClaudeProcess]:
         if self.stopping.is_set():
             raise shutting_down()
         process = ClaudeProcess(self.config, settings)
@@ -2111,12 +2129,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Run the CLI for one turn: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
         with self.server.gate.slot():
             deadline = time.monotonic() + self.server.config.timeout
-            with self.server.cli_process(request.settings) as cli:
+            with self.server.cli_process(request.launch) as cli:
                 try:
+                    cli.initialize(request.session)
                     cli.send_conversation(request.history, request.prompt, deadline)
                     translator = TurnTranslator(
-                        request.stop, live=request.stream, tools=[tool.name for tool in request.settings.tools],
-                        one_tool_call=request.one_tool_call, structured=request.settings.output_schema is not None)
+                        request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
+                        one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None)
                     yield from self.turn_events(cli, translator, deadline)
                 except ApiError:
                     if self.server.stopping.is_set():  # we stopped its CLI ourselves

@@ -917,7 +917,7 @@ def test_system_and_developer_messages_become_the_system_prompt():
     request = parse(messages=[{"role": "system", "content": "Be terse."},
                               {"role": "developer", "content": [{"type": "text", "text": "Use French."}]},
                               USER])
-    assert request.settings.system_prompt == "Be terse.\n\nUse French."
+    assert request.session.system_prompt == "Be terse.\n\nUse French."
     assert request.prompt == Turn("user", [{"type": "text", "text": "hi"}])
 
 
@@ -959,15 +959,26 @@ def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks():
 
 
 @pytest.mark.parametrize("fields, expected", [
-    ({}, cmp.CliSettings(model="sonnet")),
-    ({"max_tokens": 100}, cmp.CliSettings(model="sonnet", max_tokens=100)),
-    ({"max_tokens": 100, "max_completion_tokens": 50}, cmp.CliSettings(model="sonnet", max_tokens=50)),
-    ({"reasoning_effort": "minimal"}, cmp.CliSettings(model="sonnet", effort="low")),
-    ({"reasoning_effort": "high"}, cmp.CliSettings(model="sonnet", effort="high")),
-    ({"reasoning_effort": "none"}, cmp.CliSettings(model="sonnet", thinking=False)),
+    ({}, cmp.LaunchSettings(model="sonnet")),
+    ({"max_tokens": 100}, cmp.LaunchSettings(model="sonnet", max_tokens=100)),
+    ({"max_tokens": 100, "max_completion_tokens": 50}, cmp.LaunchSettings(model="sonnet", max_tokens=50)),
+    ({"reasoning_effort": "minimal"}, cmp.LaunchSettings(model="sonnet", effort="low")),
+    ({"reasoning_effort": "high"}, cmp.LaunchSettings(model="sonnet", effort="high")),
+    ({"reasoning_effort": "none"}, cmp.LaunchSettings(model="sonnet", thinking=False)),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, cmp.LaunchSettings(model="sonnet", tool_server=True)),
 ])
-def test_request_fields_become_cli_settings(fields, expected):
-    assert parse(**fields).settings == expected
+def test_request_fields_become_launch_settings(fields, expected):
+    assert parse(**fields).launch == expected
+
+
+def test_settings_are_keyed_by_a_digest_of_their_content():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    session = cmp.SessionSettings("Be brief.", (cmp.FunctionTool("f", "", schema),), {"type": "object"})
+    same = cmp.SessionSettings("Be brief.", (cmp.FunctionTool("f", "", json.loads(json.dumps(schema))),),
+                               {"type": "object"})
+    assert cmp.digest(session) == cmp.digest(same)
+    assert cmp.digest(session) != cmp.digest(cmp.SessionSettings("Be brief."))
+    assert cmp.digest(cmp.LaunchSettings("sonnet")) != cmp.digest(cmp.LaunchSettings("sonnet", thinking=False))
 
 
 def test_stop_accepts_a_string_or_a_list():
@@ -986,7 +997,7 @@ RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
 
 
 def test_tools_keep_their_names_descriptions_and_schemas():
-    tools = parse(tools=[WEATHER, CLOCK]).settings.tools
+    tools = parse(tools=[WEATHER, CLOCK]).session.tools
     assert tools == (cmp.FunctionTool("get_weather", "Weather for a city.", WEATHER["function"]["parameters"]),
                      cmp.FunctionTool("get_time", "", {"type": "object", "properties": {}}))
 
@@ -1002,7 +1013,7 @@ def test_tools_keep_their_names_descriptions_and_schemas():
 ])
 def test_tool_choice_decides_what_claude_is_offered_and_told(choice, offered, instruction):
     settings = parse(messages=[{"role": "system", "content": "Be brief."}, USER], tools=[WEATHER, CLOCK],
-                     tool_choice=choice).settings
+                     tool_choice=choice).session
     assert [tool.name for tool in settings.tools] == offered
     assert settings.system_prompt.startswith("Be brief.") and instruction in settings.system_prompt
     assert bool(instruction) == (settings.system_prompt != "Be brief.")
@@ -1010,9 +1021,9 @@ def test_tool_choice_decides_what_claude_is_offered_and_told(choice, offered, in
 
 def test_legacy_functions_become_tools_answered_one_call_at_a_time():
     request = parse(functions=[WEATHER["function"]], function_call={"name": "get_weather"})
-    assert [tool.name for tool in request.settings.tools] == ["get_weather"]
+    assert [tool.name for tool in request.session.tools] == ["get_weather"]
     assert request.legacy_functions and request.one_tool_call
-    assert "`get_weather`" in request.settings.system_prompt
+    assert "`get_weather`" in request.session.system_prompt
 
 
 def test_parallel_tool_calls_false_allows_one_call():
@@ -1029,7 +1040,7 @@ def test_parallel_tool_calls_false_allows_one_call():
      {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}),
 ])
 def test_response_format_becomes_the_output_schema(response_format, schema):
-    assert parse(response_format=response_format).settings.output_schema == schema
+    assert parse(response_format=response_format).session.output_schema == schema
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -1123,9 +1134,9 @@ def test_unpaired_tool_messages_are_400s_as_at_openai(messages, param, says):
 
 
 def test_thinking_is_off_for_the_turn_that_carries_tool_results():
-    assert not parse(messages=[USER, CALL, RESULT], tools=[WEATHER]).settings.thinking
+    assert not parse(messages=[USER, CALL, RESULT], tools=[WEATHER]).launch.thinking
     assert parse(messages=[USER, CALL, RESULT, {"role": "assistant", "content": "Sunny."}, USER],
-                 tools=[WEATHER]).settings.thinking
+                 tools=[WEATHER]).launch.thinking
 
 
 # The Responses API request.
@@ -1156,9 +1167,9 @@ def test_a_responses_request_becomes_a_chat_request():
         {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
     request = cmp.parse_chat_request(chat)
-    assert request.settings.system_prompt == "Be brief.\n\nUse French."
+    assert request.session.system_prompt == "Be brief.\n\nUse French."
     assert [block["type"] for block in request.prompt.content] == ["tool_result", "tool_result", "text", "image"]
-    assert request.settings.max_tokens == 99 and request.stream
+    assert request.launch.max_tokens == 99 and request.stream
 
 
 def test_responses_tools_are_flattened_and_hosted_ones_left_out():
@@ -1201,9 +1212,8 @@ def test_bad_responses_requests_are_400s_naming_the_field(body, param):
 # ── 5. The CLI process ──────────────────────────────────────────────────────
 
 def test_argv_has_no_prompt_and_only_flag_equals_value_forms():
-    settings = cmp.CliSettings(model="opus", system_prompt="-rf / you are", effort="high", max_tokens=9)
+    settings = cmp.LaunchSettings(model="opus", effort="high", max_tokens=9)
     argv = cmp.build_cli_argv("claude", settings)
-    assert "-rf / you are" not in " ".join(argv)
     assert "--tools=" in argv and "--no-session-persistence" in argv and "--setting-sources=" in argv
     assert argv[-2:] == ["--model=opus", "--effort=high"]
     assert all(arg.startswith("-") for arg in argv[1:])
@@ -1211,7 +1221,7 @@ def test_argv_has_no_prompt_and_only_flag_equals_value_forms():
 
 def test_billing_variables_are_removed_unless_asked_for():
     environ = {"ANTHROPIC_API_KEY": "sk", "ANTHROPIC_AUTH_TOKEN": "t", "PATH": "/bin"}
-    settings = cmp.CliSettings(model="opus", max_tokens=64, thinking=False)
+    settings = cmp.LaunchSettings(model="opus", max_tokens=64, thinking=False)
     env = cmp.build_cli_env(environ, Config(max_retries=1), settings)
     assert "ANTHROPIC_API_KEY" not in env and "ANTHROPIC_AUTH_TOKEN" not in env
     assert (env["CLAUDE_CODE_MAX_RETRIES"], env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"],
@@ -1222,13 +1232,13 @@ def test_billing_variables_are_removed_unless_asked_for():
 
 def test_tools_add_the_tool_server_flags_and_initialize_fields():
     tool = cmp.FunctionTool("get_time", "", {"type": "object", "properties": {}})
-    plain = cmp.CliSettings(model="opus")
+    plain = cmp.LaunchSettings(model="opus")
     assert not set(cmp.TOOL_FLAGS) & set(cmp.build_cli_argv("claude", plain))
-    with_tools = cmp.CliSettings(model="opus", tools=(tool,), output_schema={"type": "object"})
-    assert cmp.build_cli_argv("claude", with_tools)[-2:] == list(cmp.TOOL_FLAGS)
-    init = json.loads(cmp.initialize_line(with_tools))["request"]
-    assert (init["sdkMcpServers"], init["jsonSchema"]) == ([cmp.TOOL_SERVER], {"type": "object"})
-    assert "sdkMcpServers" not in json.loads(cmp.initialize_line(plain))["request"]
+    assert cmp.build_cli_argv("claude", cmp.LaunchSettings(model="opus", tool_server=True))[-2:] == list(cmp.TOOL_FLAGS)
+    init = json.loads(cmp.initialize_line(cmp.SessionSettings("-rf / you are", (tool,), {"type": "object"})))["request"]
+    assert (init["systemPrompt"], init["sdkMcpServers"], init["jsonSchema"]) == (
+        "-rf / you are", [cmp.TOOL_SERVER], {"type": "object"})
+    assert "sdkMcpServers" not in json.loads(cmp.initialize_line(cmp.SessionSettings()))["request"]
     assert cmp.build_cli_env({}, Config(), plain)["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] == "1"
 
 

@@ -25,7 +25,7 @@ RUNS = 15
 
 def bare_cli_ttft(claude: str) -> float:
     """Spawn the CLI as the proxy does, send one prompt, wait for the first text delta."""
-    settings = cmp.CliSettings(model="sonnet")
+    settings = cmp.LaunchSettings(model="sonnet")
     with tempfile.TemporaryDirectory() as workdir:
         started = time.perf_counter()
         child = subprocess.Popen(cmp.build_cli_argv(claude, settings), stdin=subprocess.PIPE,

@@ -45,7 +45,7 @@ from collections import OrderedDict
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
 __version__ = "1.2.0"
@@ -176,6 +176,10 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop working for it."""
 
 
 # ── 3. Models: the client's model name → the CLI's --model ──────────────────
@@ -821,6 +825,8 @@ CLI_FLAGS = ("-p", "--input-format=stream-json", "--output-format=stream-json", 
              "--disable-slash-commands", "--no-session-persistence")
 BILLING_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 EXIT_GRACE_SECONDS = 2.0
+POLL_SECONDS = 0.25                # how often a running turn checks its client
+KEEPALIVE_SECONDS = 10             # silence before the turn reports it (a `: keep-alive` comment)
 # The client's functions reach Claude as tools of an MCP server that lives in
 # this process and speaks over the control channel (PROTOCOL.md §8.3). The CLI
 # asks us before any of them runs, and we always refuse (§8.4).
@@ -1102,6 +1108,44 @@ class ClaudeProcess:
                                code="timeout")
             if event.get("type") == "result":
                 return
+
+    def run_turn(self, request: ChatRequest, timeout: float, client_gone: Callable[[], bool]) -> Iterator:
+        """Give the CLI the request's session and conversation, and yield its answer.
+
+        Yields TextDelta and ToolCallDelta as they come, None after each
+        stretch of silence, and last TurnEnd. Raises ApiError, or ClientGone
+        once client_gone() says the client left.
+        """
+        deadline = time.monotonic() + timeout
+        self.initialize(request.session)
+        self.send_conversation(request.history, request.prompt, deadline)
+        translator = TurnTranslator(
+            request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
+            one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None)
+        quiet_since = checked = time.monotonic()
+        interrupted = False
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApiError(504, f"Claude did not finish within {timeout:g} s (--timeout).", code="timeout")
+            if now - checked >= POLL_SECONDS:
+                checked = now
+                if client_gone():
+                    raise ClientGone()
+            if now - quiet_since >= KEEPALIVE_SECONDS:
+                quiet_since = now
+                yield None
+            event = self.next_event(min(POLL_SECONDS, deadline - now))
+            if event is None:
+                continue
+            for out in translator.feed(event):
+                quiet_since = time.monotonic()
+                yield out
+                if isinstance(out, TurnEnd):
+                    return
+            if translator.ended_by and not interrupted:
+                interrupted = True  # stop Claude (and the CLI) going past the end we chose
+                self.end_turn()
 
     def end_turn(self):
         """Stop Claude here: the proxy has all of the answer it will send."""
@@ -1749,8 +1793,6 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
 QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot
 QUEUE_WAIT_SECONDS = 10
 BUSY_RETRY_SECONDS = 5
-POLL_SECONDS = 0.25                # how often a waiting request checks its client
-KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
 SHUTDOWN_GRACE_SECONDS = 5
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
@@ -1773,10 +1815,6 @@ def shutting_down() -> ApiError:
 def turn_end(events: Iterator) -> TurnEnd:
     """The turn's end, read without waiting for its CLI to stop: that happens after the reply."""
     return next(event for event in events if isinstance(event, TurnEnd))
-
-
-class ClientGone(Exception):
-    """The client closed its connection; stop working for it."""
 
 
 class AdmissionGate:
@@ -2128,49 +2166,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def answer(self, request: ChatRequest) -> Iterator:
         """Run the CLI for one turn: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
         with self.server.gate.slot():
-            deadline = time.monotonic() + self.server.config.timeout
             with self.server.cli_process(request.launch) as cli:
                 try:
-                    cli.initialize(request.session)
-                    cli.send_conversation(request.history, request.prompt, deadline)
-                    translator = TurnTranslator(
-                        request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
-                        one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None)
-                    yield from self.turn_events(cli, translator, deadline)
+                    for event in cli.run_turn(request, self.server.config.timeout, self.client_gone):
+                        if isinstance(event, TurnEnd):
+                            self.log_usage = event.usage
+                        yield event
                 except ApiError:
                     if self.server.stopping.is_set():  # we stopped its CLI ourselves
                         raise shutting_down() from None
                     raise
-
-    def turn_events(self, cli: ClaudeProcess, translator: TurnTranslator, deadline: float):
-        """Yield TextDelta, ToolCallDelta and, last, TurnEnd; None after each stretch of silence."""
-        quiet_since = checked = time.monotonic()
-        interrupted = False
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise ApiError(504, f"Claude did not finish within {self.server.config.timeout:g} s "
-                                    "(--timeout).", code="timeout")
-            if now - checked >= POLL_SECONDS:
-                checked = now
-                if self.client_gone():
-                    raise ClientGone()
-            if now - quiet_since >= KEEPALIVE_SECONDS:
-                quiet_since = now
-                yield None
-            event = cli.next_event(min(POLL_SECONDS, deadline - now))
-            if event is None:
-                continue
-            for out in translator.feed(event):
-                quiet_since = time.monotonic()
-                if isinstance(out, TurnEnd):
-                    self.log_usage = out.usage
-                yield out
-                if isinstance(out, TurnEnd):
-                    return
-            if translator.ended_by and not interrupted:
-                interrupted = True  # stop Claude (and the CLI) going past the end we chose
-                cli.end_turn()
 
     def send_stream(self, reply: Reply, events):
         for event in events:

@@ -45,7 +45,7 @@ from collections import OrderedDict
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 __version__ = "1.2.0"
@@ -1552,6 +1552,14 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
 
 
 # ── 7. The OpenAI response: events → chat.completion(.chunk) / response dicts (pure)
+# Both APIs' answers share one interface, so the server writes either the same
+# way: start() and feed(event) give a stream's frames, sse(frame) encodes one,
+# fail(err) ends a begun stream, and whole(end) is the non-streaming body.
+
+def json_bytes(body: object) -> bytes:
+    # "replace": a lone surrogate the client sent (and we echo) becomes "?", not an exception.
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
+
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "model_context_window_exceeded": "length", "tool_use": "tool_calls",
@@ -1582,7 +1590,26 @@ class Reply:
         reason = finish_reason(end.stop_reason)
         return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
 
-    def completion(self, end: TurnEnd) -> dict:
+    stream_end = b"data: [DONE]\n\n"
+
+    def start(self) -> List[dict]:
+        return [self.chunk({"role": "assistant", "content": ""})]
+
+    def feed(self, event) -> List[dict]:
+        if isinstance(event, TextDelta):
+            return [self.delta_chunk(event)]
+        if isinstance(event, ToolCallDelta):
+            return [self.tool_call_chunk(event)]
+        return [self.finish_chunk(event), *([self.usage_chunk(event.usage)] if self.include_usage else [])]
+
+    def fail(self, err: ApiError) -> List[dict]:
+        return [err.body()]
+
+    @staticmethod
+    def sse(frame: dict) -> bytes:
+        return b"data: " + json_bytes(frame) + b"\n\n"
+
+    def whole(self, end: TurnEnd) -> dict:
         message = {"role": "assistant", "content": end.text or (None if end.tool_calls else ""),
                    "refusal": None}
         if end.reasoning:
@@ -1667,9 +1694,15 @@ class ResponseBuilder:
         self.sequence = 0
         self.open: Optional[dict] = None  # the item being written
 
+    stream_end = b""  # no [DONE]: response.completed or response.failed ends the stream
+
     @property
     def output(self) -> List[dict]:
         return self.response["output"]
+
+    @staticmethod
+    def sse(frame: dict) -> bytes:
+        return b"event: " + frame["type"].encode() + b"\ndata: " + json_bytes(frame) + b"\n\n"
 
     def _event(self, kind: str, **fields) -> dict:
         self.sequence += 1
@@ -1696,14 +1729,15 @@ class ResponseBuilder:
                                 output_index=len(self.output) - 1, delta=event.arguments)]
         return self._end(event)
 
-    def whole(self, end: TurnEnd):
-        """Build the response from a finished turn (no stream: a retried attempt left no trace)."""
+    def whole(self, end: TurnEnd) -> dict:
+        """The response, from a finished turn (no stream: a retried attempt left no trace)."""
         events: list = [TextDelta(end.reasoning, reasoning=True)] if end.reasoning else []
         events += [TextDelta(end.text)] if end.text else []
         for index, call in enumerate(end.tool_calls):
             events += [ToolCallDelta(index, "", id=call.id, name=call.name), ToolCallDelta(index, call.arguments)]
         for event in [*events, end]:
             self.feed(event)
+        return self.response
 
     def _add(self, item: dict) -> List[dict]:
         self.open = item
@@ -1801,11 +1835,6 @@ ROUTES = {"/health": ("GET",), "/models": ("GET",), "/models/": ("GET",), "/chat
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
-
-
-def json_bytes(body: object) -> bytes:
-    # "replace": a lone surrogate the client sent (and we echo) becomes "?", not an exception.
-    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def shutting_down() -> ApiError:
@@ -2000,7 +2029,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.sse_started = self.body_read = False
         self.body_length = 0
-        self.builder: Optional[ResponseBuilder] = None  # a Responses API answer being written
+        self.reply: Union[Reply, ResponseBuilder, None] = None  # the answer being written
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
         self.status = 0
@@ -2120,13 +2149,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── chat completions ──
     def chat_completions(self):
         request = parse_chat_request(self.read_body())
-        reply = Reply(request.model, include_usage=request.include_usage,
-                      legacy_functions=request.legacy_functions)
-        with closing(self.answer(request)) as events:
-            if request.stream:
-                self.send_stream(reply, events)
-            else:
-                self.send_json(200, reply.completion(turn_end(events)))
+        self.reply = Reply(request.model, include_usage=request.include_usage,
+                           legacy_functions=request.legacy_functions)
+        self.send_reply(request)
 
     # ── responses (not `responses`: BaseHTTPRequestHandler.responses holds the status phrases) ──
     def create_response(self):
@@ -2135,19 +2160,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         earlier = self.server.stored.conversation(previous) if previous else []
         chat, new_messages = chat_body_from_responses(body, earlier)
         request = parse_chat_request(chat)
-        self.builder = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
+        builder = self.reply = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
 
-        def keep():  # before the client hears of the response, so its next request finds it
+        def keep():
             if body.get("store", True) is not False:
-                self.server.stored.put(self.builder.response, earlier + new_messages + self.builder.chat_messages(),
-                                       size=self.body_length + len(json_bytes(self.builder.output)))
-        with closing(self.answer(request)) as events:
-            if request.stream:
-                self.send_response_stream(events, keep)
-            else:
-                self.builder.whole(turn_end(events))
-                keep()
-                self.send_json(200, self.builder.response)
+                self.server.stored.put(builder.response, earlier + new_messages + builder.chat_messages(),
+                                       size=self.body_length + len(json_bytes(builder.output)))
+        self.send_reply(request, keep)
 
     def stored_response(self, response_id: str):
         if self.command == "DELETE":
@@ -2177,39 +2196,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         raise shutting_down() from None
                     raise
 
-    def send_stream(self, reply: Reply, events):
-        for event in events:
-            if not self.sse_started:
-                self.start_sse()
-                self.write_sse(reply.chunk({"role": "assistant", "content": ""}))
-            if event is None:
-                self.write_chunk(b": keep-alive\n\n")
-            elif isinstance(event, TextDelta):
-                self.write_sse(reply.delta_chunk(event))
-            elif isinstance(event, ToolCallDelta):
-                self.write_sse(reply.tool_call_chunk(event))
-            else:
-                self.write_sse(reply.finish_chunk(event))
-                if reply.include_usage:
-                    self.write_sse(reply.usage_chunk(event.usage))
-                self.end_sse()
-
-    def send_response_stream(self, events, keep):
-        for event in events:
-            if not self.sse_started:  # only now: a failure before this still gets its HTTP status
-                self.start_sse()
-                for frame in self.builder.start():
-                    self.write_event(frame)
-            if event is None:
-                self.write_chunk(b": keep-alive\n\n")
-                continue
-            frames = self.builder.feed(event)
-            if isinstance(event, TurnEnd):
-                keep()
-            for frame in frames:
-                self.write_event(frame)
-            if isinstance(event, TurnEnd):
-                self.write_chunk(b"")  # now: stopping the CLI can take a moment more
+    def send_reply(self, request: ChatRequest, at_end: Callable[[], None] = lambda: None):
+        """Answer with the turn, streamed or as one body; at_end runs before the client hears the end,
+        so that a client's next request finds what at_end kept."""
+        with closing(self.answer(request)) as events:
+            if not request.stream:
+                body = self.reply.whole(turn_end(events))
+                at_end()
+                return self.send_json(200, body)
+            for event in events:
+                if not self.sse_started:  # only now: a failure before this still gets its HTTP status
+                    self.start_sse()
+                    self.write_frames(self.reply.start())
+                if event is None:
+                    self.write_chunk(b": keep-alive\n\n")
+                    continue
+                frames = self.reply.feed(event)
+                if isinstance(event, TurnEnd):
+                    at_end()
+                self.write_frames(frames)
+                if isinstance(event, TurnEnd):
+                    self.end_sse()  # now: stopping the CLI can take a moment more
 
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
@@ -2243,13 +2250,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.sse_started:  # the status line is gone: OpenAI clients read an error frame
             self.status = err.status
             try:
-                if self.builder is None:
-                    self.write_sse(err.body())
-                    self.end_sse()
-                else:  # the Responses API has an event for it, and no [DONE]
-                    for event in self.builder.fail(err):
-                        self.write_event(event)
-                    self.write_chunk(b"")
+                self.write_frames(self.reply.fail(err))
+                self.end_sse()
             except ClientGone:
                 self.close_connection = True
             return
@@ -2289,14 +2291,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_head(200, [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                              ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no")])
 
-    def write_sse(self, body: object):
-        self.write_chunk(b"data: " + json_bytes(body) + b"\n\n")
-
-    def write_event(self, event: dict):
-        self.write_chunk(b"event: " + event["type"].encode() + b"\ndata: " + json_bytes(event) + b"\n\n")
+    def write_frames(self, frames: List[dict]):
+        for frame in frames:
+            self.write_chunk(self.reply.sse(frame))
 
     def end_sse(self):
-        self.write_chunk(b"data: [DONE]\n\n")
+        if self.reply.stream_end:
+            self.write_chunk(self.reply.stream_end)
         self.write_chunk(b"")  # the zero-length chunk ends the chunked body
 
     def write_chunk(self, data: bytes):

@@ -1558,15 +1558,26 @@ def test_chunks_share_id_created_and_model():
 
 def test_a_completion_with_tool_calls():
     end = TurnEnd("tool_use", Usage(10, 20), tool_calls=(cmp.ToolCall("toolu_1", "get_time", "{}"),))
-    choice = cmp.Reply("m").completion(end)["choices"][0]
+    choice = cmp.Reply("m").whole(end)["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] is None
     assert choice["message"]["tool_calls"] == [
         {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
-    legacy = cmp.Reply("m", legacy_functions=True).completion(end)["choices"][0]
+    legacy = cmp.Reply("m", legacy_functions=True).whole(end)["choices"][0]
     assert legacy["finish_reason"] == "function_call"
     assert legacy["message"]["function_call"] == {"name": "get_time", "arguments": "{}"}
     assert "tool_calls" not in legacy["message"]
+
+
+def test_a_chat_stream_is_the_role_the_deltas_the_finish_and_the_usage():
+    reply = cmp.Reply("m", include_usage=True)
+    end = TurnEnd("end_turn", Usage(10, 2), "Hi")
+    frames = reply.start() + reply.feed(TextDelta("Hi")) + reply.feed(end)
+    assert [f["choices"][0]["delta"] if f["choices"] else f["usage"]["total_tokens"] for f in frames] == [
+        {"role": "assistant", "content": ""}, {"content": "Hi"}, {}, 12]
+    assert frames[2]["choices"][0]["finish_reason"] == "stop"
+    assert reply.sse(frames[1]) == b"data: " + json.dumps(frames[1]).encode() + b"\n\n"
+    assert reply.fail(ApiError(502, "gone")) == [ApiError(502, "gone").body()]
 
 
 def test_tool_call_chunks_carry_id_and_name_on_the_first_fragment_only():

@@ -1109,16 +1109,16 @@ class ClaudeProcess:
             if event.get("type") == "result":
                 return
 
-    def run_turn(self, request: ChatRequest, timeout: float, client_gone: Callable[[], bool]) -> Iterator:
-        """Give the CLI the request's session and conversation, and yield its answer.
+    def run_turn(self, request: ChatRequest, history: Sequence[Turn], timeout: float,
+                 client_gone: Callable[[], bool]) -> Iterator:
+        """Seed `history` (the turns of the request this CLI has not seen), ask the prompt, yield the answer.
 
         Yields TextDelta and ToolCallDelta as they come, None after each
         stretch of silence, and last TurnEnd. Raises ApiError, or ClientGone
         once client_gone() says the client left.
         """
         deadline = time.monotonic() + timeout
-        self.initialize(request.session)
-        self.send_conversation(request.history, request.prompt, deadline)
+        self.send_conversation(history, request.prompt, deadline)
         translator = TurnTranslator(
             request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
             one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None)
@@ -2187,7 +2187,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         with self.server.gate.slot():
             with self.server.cli_process(request.launch) as cli:
                 try:
-                    for event in cli.run_turn(request, self.server.config.timeout, self.client_gone):
+                    cli.initialize(request.session)
+                    for event in cli.run_turn(request, request.history, self.server.config.timeout,
+                                              self.client_gone):
                         if isinstance(event, TurnEnd):
                             self.log_usage = event.usage
                         yield event

@@ -412,17 +412,17 @@ def real_client(start_real_proxy):
 
 # The fake `claude`: it speaks stream-json like the real CLI 2.1.329 (its lines
 # are modelled on ../shared/claude-cli/fixtures), plays the scenario named in
-# FAKE_CLAUDE_SCENARIO, and appends what it receives to FAKE_CLAUDE_LOG.
+# the file FAKE_CLAUDE_SCENARIO, and appends what it receives to FAKE_CLAUDE_LOG.
+# It reads the scenario at each user line, not once at its start: a process
+# started ahead of a request (or kept from an earlier one) plays what the test
+# running now asks for.
 FAKE_CLAUDE = r'''
 import json, os, sys, time
 
 if "--version" in sys.argv:
     print("2.1.329 (Claude Code)")
     sys.exit(0)
-SCENARIO = os.environ["FAKE_CLAUDE_SCENARIO"]
-if SCENARIO == "crash":
-    sys.stderr.write("fatal: out of cheese\n")
-    sys.exit(3)
+SCENARIO = None  # read at each user line
 received = []
 waiting = []  # lines read ahead while the tool server connected
 TOOLS = []  # what the proxy's tool server listed
@@ -721,6 +721,11 @@ while True:
         emit({"type": "result", "subtype": "success", "is_error": False, "result": "", "num_turns": 0,
               "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}})
     elif line["type"] == "user":
+        with open(os.environ["FAKE_CLAUDE_SCENARIO"]) as scenario:
+            SCENARIO = scenario.read()
+        if SCENARIO == "crash":
+            sys.stderr.write("fatal: out of cheese\n")
+            sys.exit(3)
         answer()
 log({"eof": True})  # stdin closed: the proxy let it finish on its own
 '''
@@ -733,13 +738,14 @@ class FakeClaude:
         self.path = path
         self.log_path = tmp_path / "fake-claude.log"
         self.release_path = tmp_path / "fake-claude.release"
-        self.monkeypatch = monkeypatch
+        self.scenario_path = tmp_path / "fake-claude.scenario"
         monkeypatch.setenv("FAKE_CLAUDE_LOG", str(self.log_path))
         monkeypatch.setenv("FAKE_CLAUDE_RELEASE", str(self.release_path))
+        monkeypatch.setenv("FAKE_CLAUDE_SCENARIO", str(self.scenario_path))
         self.play("text")
 
     def play(self, scenario):
-        self.monkeypatch.setenv("FAKE_CLAUDE_SCENARIO", scenario)
+        self.scenario_path.write_text(scenario)
 
     def release(self):
         self.release_path.touch()
@@ -1259,6 +1265,42 @@ def test_tools_the_cli_left_out_are_found_in_its_init_line():
     tools = [cmp.FunctionTool(name, "", {"type": "object"}) for name in ("a", "b")]
     assert cmp.dropped_tools({"type": "system", "subtype": "init", "tools": ["a"]}, tools) == ["b"]
     assert cmp.dropped_tools({"type": "system", "subtype": "init", "tools": ["b", "a"]}, tools) == []
+
+
+def test_one_process_answers_two_turns_each_with_the_scenario_of_its_time(fake):
+    cli = ClaudeProcess(Config(claude=fake.path), cmp.LaunchSettings("sonnet"))
+    try:
+        cli.initialize(cmp.SessionSettings("Be brief."))
+        first = parse(messages=[{"role": "user", "content": "Q1"}])
+        ends = [e for e in cli.run_turn(first, first.history, 10, lambda: False) if isinstance(e, TurnEnd)]
+        assert ends[0].text == "Hello world"
+        fake.play("thinking")
+        second = parse(messages=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "Hello world"},
+                                 {"role": "user", "content": "Q2"}])
+        events = list(cli.run_turn(second, (), 10, lambda: False))
+        assert [e.text for e in events if isinstance(e, TextDelta) and not e.reasoning] == ["Hel", "lo"]
+        assert events[-1].stop_reason == "end_turn" and events[-1].reasoning == "Let me think. "
+    finally:
+        cli.close()
+    sent = [line for line in fake.stdin()]
+    assert [line["type"] for line in sent] == ["control_request", "user", "user"]
+    assert [line["message"]["content"] for line in sent[1:]] == [[{"type": "text", "text": "Q1"}],
+                                                                 [{"type": "text", "text": "Q2"}]]
+    assert len({entry["pid"] for entry in fake.log()}) == 1
+
+
+def test_a_process_started_before_the_scenario_changed_plays_the_new_one(fake):
+    cli = ClaudeProcess(Config(claude=fake.path), cmp.LaunchSettings("sonnet"))
+    try:
+        cli.initialize(cmp.SessionSettings())
+        assert wait_until(lambda: fake.log())  # it is up and waiting
+        fake.play("overloaded")
+        request = parse()
+        with pytest.raises(ApiError) as caught:
+            list(cli.run_turn(request, request.history, 10, lambda: False))
+        assert (caught.value.status, caught.value.code) == (503, "overloaded")
+    finally:
+        cli.close()
 
 
 # ── 6. Claude's events ──────────────────────────────────────────────────────

@@ -683,10 +683,39 @@ class OpenToolCalls:
 
 RESPONSES_FIELDS = {"model": "model", "stream": "stream", "temperature": "temperature", "top_p": "top_p",
                     "parallel_tool_calls": "parallel_tool_calls", "max_output_tokens": "max_completion_tokens"}
+# Where a chat field came from, for the chat fields that are not the Responses field's own.
+RESPONSES_NAMES = {"max_completion_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
+                   "response_format.json_schema": "text.format", "response_format": "text.format"}
 
 
-def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tuple[dict, List[dict]]:
-    """A Responses API request as a Chat Completions body, and its input as chat messages.
+def parse_responses_request(body: object, earlier: Sequence[dict] = ()) -> Tuple[ChatRequest, List[dict]]:
+    """A Responses API request as a ChatRequest, and its input as chat messages.
+
+    Its errors name the Responses field (`input[3]`, `max_output_tokens`),
+    not the chat field it was translated to.
+    """
+    chat, new, names = chat_body_from_responses(body, earlier)
+    try:
+        return parse_chat_request(chat), new
+    except ApiError as err:
+        raise renamed(err, names) from None
+
+
+def renamed(err: ApiError, names: Mapping[str, str]) -> ApiError:
+    """The error with each chat field in its param and message replaced by the field it came from."""
+    fields = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r"(?![\w\[])")
+    rename = lambda text: fields.sub(lambda found: names[found[0]], text)  # noqa: E731
+    message = rename(err.message)
+    param = err.param and rename(err.param)
+    if err.param == "messages":
+        message, param = message.replace("'messages'", "'input'"), "input"
+    return ApiError(err.status, message, code=err.code, param=param, error_type=err.error_type,
+                    headers=err.headers)
+
+
+def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tuple[dict, List[dict], Dict[str, str]]:
+    """A Responses API request as a Chat Completions body, its input as chat
+    messages, and the Responses field each chat field came from.
 
     `earlier` is the conversation a previous_response_id stands for, as chat
     messages. Claude Code cannot run hosted tools (web_search and the like),
@@ -696,9 +725,13 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     chat = {chat_name: body[name] for name, chat_name in RESPONSES_FIELDS.items() if name in body}
+    names = dict(RESPONSES_NAMES)
     instructions = _optional(body, "instructions", (str,), "")
     messages = [{"role": "system", "content": instructions}] if instructions else []
-    new = input_messages(body.get("input"))
+    names.update({f"messages[{k}]": "instructions" for k in range(len(messages))})
+    names.update({f"messages[{len(messages) + k}]": "previous_response_id" for k in range(len(earlier))})
+    new, new_names = input_messages(body.get("input"), first=len(messages) + len(earlier))
+    names.update(new_names)
     chat["messages"] = messages + list(earlier) + new
     reasoning = _optional(body, "reasoning", (dict,), {}) or {}
     if reasoning.get("effort") is not None:
@@ -709,12 +742,14 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
             key: text_format[key] for key in ("name", "schema", "strict", "description") if key in text_format}}
     elif text_format is not None:
         chat["response_format"] = text_format
-    functions = _flat_functions(_optional(body, "tools", (list,), []))
+    functions = _flat_functions(_optional(body, "tools", (list,), []), "tools")
     if functions:
-        chat["tools"] = [{"type": "function", "function": function} for function in functions]
+        chat["tools"] = [{"type": "function", "function": function} for _, function in functions]
+        names.update({f"tools[{k}].function": where for k, (where, _) in enumerate(functions)})
+        names.update({f"tools[{k}]": where for k, (where, _) in enumerate(functions)})
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
-    return chat, new
+    return chat, new, names
 
 
 def response_echo(body: dict) -> dict:
@@ -735,13 +770,14 @@ def _type_of(thing: object) -> Optional[str]:
     return thing.get("type") if isinstance(thing, dict) else None
 
 
-def _flat_functions(tools: list) -> List[dict]:
+def _flat_functions(tools: list, where: str) -> List[Tuple[str, dict]]:
+    """Each function, at any depth of namespaces, as a chat function, with where it was given."""
     functions = []
-    for tool in tools:
+    for i, tool in enumerate(tools):
         if _type_of(tool) == "namespace" and isinstance(tool.get("tools"), list):
-            functions += _flat_functions(tool["tools"])
+            functions += _flat_functions(tool["tools"], f"{where}[{i}].tools")
         elif _type_of(tool) == "function":
-            functions.append({key: value for key, value in tool.items() if key != "type"})
+            functions.append((f"{where}[{i}]", {key: value for key, value in tool.items() if key != "type"}))
     return functions
 
 
@@ -769,18 +805,22 @@ def _chat_tool_choice(choice: object) -> object:
     return choice  # "auto", "none", "required"; anything else is refused as a bad tool_choice
 
 
-def input_messages(items: object) -> List[dict]:
-    """Responses `input` (a string, or items) as chat messages."""
+def input_messages(items: object, first: int = 0) -> Tuple[List[dict], Dict[str, str]]:
+    """Responses `input` (a string, or items) as chat messages, and the item
+    each chat field came from, for messages numbered from `first`."""
     if isinstance(items, str):
-        return [{"role": "user", "content": items}]
+        return [{"role": "user", "content": items}], {f"messages[{first}]": "input"}
     if not isinstance(items, list):
         raise ApiError(400, "'input' must be a string or an array of input items.", param="input")
     messages: List[dict] = []
+    names: Dict[str, str] = {}
     for i, item in enumerate(items):
         where = f"input[{i}]"
         kind = _type_of(item) or ("message" if isinstance(item, dict) and "role" in item else None)
+        here = f"messages[{first + len(messages)}]"
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _message_content(item.get("content"), where)})
+            names[here] = where
         elif kind == "function_call":
             if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
                 raise ApiError(400, f"{where} must have a 'call_id', a 'name' and 'arguments' (a JSON string).",
@@ -788,16 +828,21 @@ def input_messages(items: object) -> List[dict]:
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
             if messages and messages[-1]["role"] == "assistant":  # one assistant turn, however many calls
+                here = f"messages[{first + len(messages) - 1}]"
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                names[here] = where
+            call_at = f"{here}.tool_calls[{len(messages[-1]['tool_calls']) - 1}]"
+            names.update({call_at: where, f"{call_at}.function": where})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": _message_content(item.get("output"), where)})
+            names.update({here: where, f"{here}.tool_call_id": f"{where}.call_id", f"{here}.content": f"{where}.output"})
         elif kind != "reasoning":  # Claude's thinking is not sent back; Codex echoes it
             raise ApiError(400, f"{where} has type '{kind}'; use message, function_call or "
                                 "function_call_output items.", param=where)
-    return messages
+    return messages, names
 
 
 def _message_content(content: object, where: str) -> object:
@@ -1830,8 +1875,10 @@ BUSY_RETRY_SECONDS = 5
 SHUTDOWN_GRACE_SECONDS = 5
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
-ROUTES = {"/health": ("GET",), "/models": ("GET",), "/models/": ("GET",), "/chat/completions": ("POST",),
-          "/responses": ("POST",), "/responses/": ("GET", "DELETE")}
+# Each route, as written without its /v1 (which is optional), and its methods.
+ROUTES = {"/health": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
+          "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
+METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
@@ -1929,6 +1976,17 @@ class ResponseStore:
         """Drop the oldest responses while they are too old or `too_many()`."""
         while self._items and (too_many() or self.clock() - next(iter(self._items.values()))[0] > self.seconds):
             self._bytes -= self._items.popitem(last=False)[1][3]
+
+
+def match_route(path: str) -> Tuple[Optional[str], str]:
+    """The ROUTES entry a request path is for (None if none), and the {id} in it, decoded."""
+    path = path.rstrip("/") or "/"
+    for route in ROUTES:
+        for form in (route, route[len("/v1"):]) if route.startswith("/v1/") else (route, "/v1" + route):
+            prefix, is_template, _ = form.partition("{id}")
+            if path == form or is_template and path.startswith(prefix) and len(path) > len(prefix):
+                return route, unquote(path[len(prefix):]) if is_template else ""
+    return None, ""
 
 
 def host_allowed(host_header: Optional[str], config: Config) -> bool:
@@ -2053,10 +2111,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.log_access()
 
     def route(self):
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        if path.startswith("/v1/") or path == "/v1":
-            path = path[3:] or "/"
-        key = next((prefix for prefix in ("/models/", "/responses/") if path.startswith(prefix)), path)
+        route, item = match_route(urlsplit(self.path).path)
         if not host_allowed(self.headers.get("Host"), self.server.config):
             raise ApiError(403, f"Host '{self.headers.get('Host')}' is not allowed; start the proxy "
                                 "with --allowed-host NAME to accept it.", code="host_not_allowed")
@@ -2066,27 +2121,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.server.stopping.is_set():
             self.close_connection = True
             raise shutting_down()
-        if path != "/health":
+        if route != "/health":
             self.check_api_key()
-        if key not in ROUTES:
-            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has /v1/chat/completions, "
-                                "/v1/responses, /v1/models and /health.", code="unknown_route")
-        if self.command not in ROUTES[key]:
-            allowed = ", ".join(ROUTES[key])
+        if route is None:
+            routes = ", ".join(f"{'/'.join(methods)} {route}" for route, methods in ROUTES.items())
+            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has {routes}.",
+                           code="unknown_route")
+        if self.command not in ROUTES[route]:
+            allowed = ", ".join(ROUTES[route])
             raise ApiError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; use {allowed}.",
                            code="method_not_allowed", headers=[("Allow", allowed)])
-        if path == "/health":
+        if route == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
                                  "in_flight": self.server.gate.running, "queued": self.server.gate.waiting})
-        elif path == "/models":
+        elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
-        elif key == "/models/":
-            model_id = unquote(path[len("/models/"):])
-            resolve_model(model_id)
-            self.send_json(200, model_object(model_id))
-        elif key == "/responses/":
-            self.stored_response(unquote(path[len("/responses/"):]))
-        elif path == "/responses":
+        elif route == "/v1/models/{id}":
+            resolve_model(item)
+            self.send_json(200, model_object(item))
+        elif route == "/v1/responses/{id}":
+            self.stored_response(item)
+        elif route == "/v1/responses":
             self.create_response()
         else:
             self.chat_completions()
@@ -2158,8 +2213,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.read_body()
         previous = _optional(body, "previous_response_id", (str,), None) if isinstance(body, dict) else None
         earlier = self.server.stored.conversation(previous) if previous else []
-        chat, new_messages = chat_body_from_responses(body, earlier)
-        request = parse_chat_request(chat)
+        request, new_messages = parse_responses_request(body, earlier)
         builder = self.reply = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
 
         def keep():
@@ -2270,8 +2324,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.begin_request()
         self.close_connection = True
         if code == 501:  # a method we have no do_* for
-            err = ApiError(405, f"{self.command} is not supported; use GET, POST or DELETE.",
-                           code="method_not_allowed", headers=[("Allow", "GET, POST, DELETE, OPTIONS")])
+            err = ApiError(405, f"{self.command} is not supported; use {', '.join(METHODS)}.",
+                           code="method_not_allowed", headers=[("Allow", ", ".join(METHODS))])
         else:
             err = ApiError(code, message or self.responses.get(code, ("Bad request",))[0] + ".",
                            code="bad_request")
@@ -2280,11 +2334,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_preflight(self):
         origin = self.headers.get("Origin")
-        headers = [("Allow", "GET, POST, DELETE, OPTIONS")]
+        headers = [("Allow", ", ".join(METHODS))]
         if origin:
             requested = self.headers.get("Access-Control-Request-Headers", "")
             allowed = requested if HEADER_LIST.fullmatch(requested.strip()) else "authorization, content-type"
-            headers += [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+            headers += [("Access-Control-Allow-Methods", ", ".join(METHODS)),
                         ("Access-Control-Allow-Headers", allowed), ("Access-Control-Max-Age", "600")]
         self.send_head(204, [*headers, ("Content-Length", "0")])
 

@@ -1148,7 +1148,7 @@ def test_thinking_is_off_for_the_turn_that_carries_tool_results():
 # The Responses API request.
 
 def test_a_responses_request_becomes_a_chat_request():
-    chat, new = cmp.chat_body_from_responses({
+    chat, new, _ = cmp.chat_body_from_responses({
         "model": "claude-opus-4", "instructions": "Be brief.", "max_output_tokens": 99, "stream": True,
         "reasoning": {"effort": "low", "summary": "auto"}, "store": False, "include": ["reasoning.encrypted_content"],
         "input": [
@@ -1185,7 +1185,7 @@ def test_responses_tools_are_flattened_and_hosted_ones_left_out():
             {"type": "function", "name": "spawn_agent", "description": "Spawn.", "parameters": {"type": "object"}}]},
         {"type": "web_search", "external_web_access": False}],
         "text": {"format": {"type": "json_schema", "name": "X", "schema": {"type": "object"}, "strict": True}}}
-    chat, _ = cmp.chat_body_from_responses(body)
+    chat, _, _ = cmp.chat_body_from_responses(body)
     assert [tool["function"]["name"] for tool in chat["tools"]] == ["exec", "spawn_agent"]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "spawn_agent"}}
     assert chat["response_format"] == {"type": "json_schema", "json_schema": {
@@ -1198,6 +1198,37 @@ def test_responses_tools_are_flattened_and_hosted_ones_left_out():
     with pytest.raises(ApiError) as caught:
         cmp.parse_chat_request(cmp.chat_body_from_responses(dict(broken, tools=body["tools"]))[0])
     assert (caught.value.status, caught.value.param) == (400, "tool_choice")
+
+
+CALL_ITEM = {"type": "function_call", "call_id": "call_a", "name": "f", "arguments": "{}"}
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"max_output_tokens": 0}, "max_output_tokens", "'max_output_tokens' must be at least 1"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "'reasoning.effort' must be one of"),
+    ({"text": {"format": {"type": "json_schema", "name": "X"}}}, "text.format.schema", "'text.format.schema'"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "'text.format.type'"),
+    ({"tools": [{"type": "web_search"}, {"type": "namespace", "name": "n", "tools": [
+        {"type": "function", "name": "f", "parameters": {"type": "string"}}]}]},
+     "tools[1].tools[0].parameters", "tools[1].tools[0].parameters must be"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role", "input[0] has an unknown role 'wizard'"),
+    ({"input": [{"role": "user", "content": "hi"}, {"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,@@"}]}]}, "input[1].content[0].image_url",
+     "input[1].content[0].image_url"),
+    ({"input": [{"role": "user", "content": "hi"}, dict(CALL_ITEM, arguments="[1]")]},
+     "input[1].arguments", "input[1].arguments must be a JSON object"),
+    ({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Let me see."}, CALL_ITEM,
+                {"type": "function_call_output", "call_id": "call_b", "output": "x"}]},
+     "input[3].call_id", "input[3] answers tool_call_id 'call_b'"),
+    ({"input": [{"role": "user", "content": "hi"}, CALL_ITEM, {"role": "user", "content": "and?"}]},
+     "input[1]", "input[1] (id 'call_a') has no tool message answering it before input[2]"),
+    ({"input": [{"role": "assistant", "content": "prefill"}]}, "input", "The last message must be a user"),
+])
+def test_responses_errors_name_the_responses_field(fields, param, says):
+    with pytest.raises(ApiError) as caught:
+        cmp.parse_responses_request({"model": "sonnet", "instructions": "Be brief.", "input": "hi", **fields})
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert says in caught.value.message, caught.value.message
 
 
 @pytest.mark.parametrize("body, param", [
@@ -2001,6 +2032,25 @@ def test_models(client):
 
 def test_routes_work_without_the_v1_prefix(client):
     assert client.call("POST", "/chat/completions", {"model": "sonnet", "messages": [USER]}).status == 200
+
+
+@pytest.mark.parametrize("path, route, item", [
+    ("/v1/chat/completions", "/v1/chat/completions", ""), ("/chat/completions/", "/v1/chat/completions", ""),
+    ("/health", "/health", ""), ("/v1/health", "/health", ""), ("/v1/models", "/v1/models", ""),
+    ("/models/openai%2Fclaude-opus-4", "/v1/models/{id}", "openai/claude-opus-4"),
+    ("/v1/responses/resp_1", "/v1/responses/{id}", "resp_1"), ("/v1/responses", "/v1/responses", ""),
+    ("/v1", None, ""), ("/", None, ""), ("/v1/models/", "/v1/models", ""), ("/v2/models", None, ""),
+])
+def test_paths_match_their_route(path, route, item):
+    assert cmp.match_route(path) == (route, item)
+
+
+def test_the_routes_table_names_every_route_and_method(client):
+    missing = client.call("GET", "/v1/nothing-here")
+    assert all(route in missing.error["message"] for route in cmp.ROUTES)
+    assert "GET/DELETE /v1/responses/{id}" in missing.error["message"]
+    unknown = client.call("BREW", "/v1/models")
+    assert unknown.headers["allow"] == "GET, POST, DELETE, OPTIONS" == ", ".join(cmp.METHODS)
 
 
 @pytest.mark.parametrize("method, path, body, raw, status, code", [

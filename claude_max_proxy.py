@@ -629,7 +629,9 @@ def _tool_result_block(message: dict, where: str, calls: "OpenToolCalls") -> dic
         tool_use_id = calls.answer(tool_call_id, where)
     block = {"type": "tool_result", "tool_use_id": tool_use_id}
     content = _plain_text(message.get("content"), where)
-    return dict(block, content=content) if content else block
+    # A list of one text block, as the CLI sends a result its tool server gave:
+    # a conversation it continues in place reads the same as one replayed.
+    return dict(block, content=[{"type": "text", "text": content}]) if content else block
 
 
 class OpenToolCalls:

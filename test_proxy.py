@@ -224,6 +224,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             self.server.hung_up.set()  # what an interrupt looks like from here
 
 
+def texts(text: str) -> list:
+    """A tool result's content as the proxy sends it: a list of one text block."""
+    return [{"type": "text", "text": text}]
+
+
 def user_texts(body: dict) -> list:
     """The text of each user message the upstream got, without the CLI's reminders."""
     texts = []
@@ -960,7 +965,7 @@ def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks():
         {"role": "user", "content": "and now?"}])
     assert request.history[1].content == [
         {"type": "tool_use", "id": "call_1", "name": "exec", "input": {"command": "pwd"}}]
-    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_1", "content": "/home/user"},
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_1", "content": texts("/home/user")},
                                       {"type": "text", "text": "and now?"}]
 
 
@@ -1090,8 +1095,8 @@ def test_tool_history_is_paired_by_the_ids_the_request_carries():
         {"type": "text", "text": "Checking."},
         {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}},
         {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}]
-    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
-                                      {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": "call_2", "content": texts("noon")},
+                                      {"type": "tool_result", "tool_use_id": "call_1", "content": texts("sunny")},
                                       {"type": "text", "text": "thanks"}]
 
 
@@ -1120,7 +1125,7 @@ def test_legacy_function_messages_answer_the_function_call():
         {"role": "function", "name": "get_weather", "content": "sunny"}])
     call = request.history[1].content[0]
     assert (call["type"], call["name"], call["input"]) == ("tool_use", "get_weather", {"city": "Rome"})
-    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}]
+    assert request.prompt.content == [{"type": "tool_result", "tool_use_id": call["id"], "content": texts("sunny")}]
 
 
 @pytest.mark.parametrize("messages, param, says", [
@@ -2335,7 +2340,7 @@ def test_a_follow_up_seeds_the_call_and_its_result(client, fake):
     assistant, prompt = [line for line in seen["stdin"] if line["type"] in ("assistant", "user")][1:]
     assert assistant["message"]["content"] == [
         {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Rome"}}]
-    assert prompt["message"]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+    assert prompt["message"]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": texts("sunny")},
                                             {"type": "text", "text": "So?"}]
     assert seen["env"]["CLAUDE_CODE_DISABLE_THINKING"] == "1"
 
@@ -2415,7 +2420,7 @@ def test_previous_response_id_supplies_the_conversation(client, fake):
     assert turns[0] == [{"type": "text", "text": "Weather in Zürich?"}]
     assert turns[1][0] == {"type": "text", "text": "Let me check."}
     assert [(b["id"], b["name"]) for b in turns[1][1:]] == [("call_1", "get_weather")]  # get_time was not offered
-    assert turns[2] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]
+    assert turns[2] == [{"type": "tool_result", "tool_use_id": "call_1", "content": texts("sunny")}]
     assert follow_up.json()["previous_response_id"] == first["id"]
 
 
@@ -2794,7 +2799,7 @@ def test_real_tool_round_trip(real_client, upstream, stream):
     assert [(b["id"], b["name"], b["input"]) for b in turns[1]["content"][1:]] == [
         ("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {})]
     assert [(b["tool_use_id"], b["content"]) for b in turns[2]["content"] if b["type"] == "tool_result"] == [
-        ("toolu_1", "sunny"), ("toolu_2", "noon")]
+        ("toolu_1", texts("sunny")), ("toolu_2", texts("noon"))]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -2816,7 +2821,7 @@ def test_real_tool_history_reaches_upstream_without_tools(real_client, upstream)
     turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
     assert turns[1]["content"] == [{"type": "tool_use", "id": "call_1", "name": "get_weather",
                                     "input": {"city": "Rome"}}]
-    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_1", "content": texts("sunny")}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -2854,7 +2859,7 @@ def test_real_responses_items_reach_upstream_as_roles_and_blocks(real_client, up
     assert [m["role"] for m in turns] == ["user", "assistant", "user"]
     assert turns[1]["content"] == [{"type": "text", "text": "Checking."}, {
         "type": "tool_use", "id": "call_r", "name": "get_weather", "input": {"city": "Rome"}}]
-    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_r", "content": "sunny"}
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_r", "content": texts("sunny")}
     assert user_texts(upstream.last) == [["Weather in Rome?"], ["Thanks."]]
 
 
@@ -2878,4 +2883,4 @@ def test_real_responses_function_call_round_trip(real_client, upstream, stream):
     turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
     assert turns[1]["content"] == [{"type": "tool_use", "id": "call_01Rt", "name": "get_weather",
                                     "input": {"city": "Oslo"}}]
-    assert turns[2]["content"] == [{"type": "tool_result", "tool_use_id": "call_01Rt", "content": "sunny"}]
+    assert turns[2]["content"] == [{"type": "tool_result", "tool_use_id": "call_01Rt", "content": texts("sunny")}]

@@ -43,7 +43,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit
@@ -243,7 +243,6 @@ class LaunchSettings:
     effort: Optional[str] = None      # --effort; None leaves the CLI's default
     max_tokens: Optional[int] = None  # CLAUDE_CODE_MAX_OUTPUT_TOKENS
     thinking: bool = True             # False: CLAUDE_CODE_DISABLE_THINKING=1
-    tool_server: bool = False         # the client's functions are offered (TOOL_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -278,6 +277,19 @@ class ChatRequest:
     one_tool_call: bool = False     # parallel_tool_calls=false, or legacy functions
     legacy_functions: bool = False  # answer with message.function_call, as asked
 
+    @property
+    def fresh_launch(self) -> LaunchSettings:
+        """The launch settings for a CLI that takes in this conversation afresh.
+
+        Claude requires the thinking that preceded a tool call to come back
+        with its result, and OpenAI clients do not keep it: a CLI that did not
+        see that thinking answers a turn of tool results without thinking
+        rather than fail.
+        """
+        if any(block["type"] == "tool_result" for block in self.prompt.content):
+            return replace(self.launch, thinking=False)
+        return self.launch
+
 
 def parse_chat_request(body: object) -> ChatRequest:
     if not isinstance(body, dict):
@@ -305,13 +317,7 @@ def parse_chat_request(body: object) -> ChatRequest:
                             "Claude Code answers a response_format through its own tool of that name.",
                        param="tools")
     history, prompt = tuple(turns[:-1]), turns[-1]
-    launch = LaunchSettings(model=cli_model, max_tokens=_max_tokens(body), tool_server=bool(tools),
-                            **_effort(body))
-    if any(block["type"] == "tool_result" for block in prompt.content):
-        # Claude requires the thinking that preceded a tool call to come back
-        # with its result, and OpenAI clients do not keep it: answer this turn
-        # without thinking rather than fail.
-        launch = replace(launch, thinking=False)
+    launch = LaunchSettings(model=cli_model, max_tokens=_max_tokens(body), **_effort(body))
     session = SessionSettings(system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
                               tools=tools, output_schema=output_schema)
     parallel = _optional(body, "parallel_tool_calls", (bool,), True)
@@ -680,6 +686,28 @@ class OpenToolCalls:
                            param=where)
 
 
+def canonical_turns(turns: Sequence[Turn]) -> Tuple[List[str], Dict[str, str]]:
+    """Each turn as text that two tellings of one conversation share, and the
+    label each tool-call id got.
+
+    Clients re-serialize JSON and rename tool-call ids (OpenClaw does), so
+    the text holds the turns' blocks with sorted keys, and each id is replaced
+    by its order of first appearance ("#0", "#1", ...).
+    """
+    labels: Dict[str, str] = {}
+
+    def label(tool_id: str) -> str:
+        return labels.setdefault(tool_id, f"#{len(labels)}")
+
+    texts = []
+    for turn in turns:
+        blocks = [dict(block, id=label(block["id"])) if block["type"] == "tool_use" else
+                  dict(block, tool_use_id=label(block["tool_use_id"])) if block["type"] == "tool_result" else block
+                  for block in turn.content]
+        texts.append(json.dumps([turn.role, blocks], sort_keys=True))
+    return texts, labels
+
+
 # The Responses API (/v1/responses) is served by the same core: its request
 # becomes a Chat Completions body, and parse_chat_request takes it from there.
 
@@ -876,18 +904,24 @@ POLL_SECONDS = 0.25                # how often a running turn checks its client
 KEEPALIVE_SECONDS = 10             # silence before the turn reports it (a `: keep-alive` comment)
 # The client's functions reach Claude as tools of an MCP server that lives in
 # this process and speaks over the control channel (PROTOCOL.md §8.3). The CLI
-# asks us before any of them runs, and we always refuse (§8.4).
+# asks us before any of them runs (§8.4): we refuse, or run it with the result
+# the client sent. Every CLI gets the server, so a spare can take a request
+# with or without tools: with none, what reaches Claude is byte for byte the
+# same as without the server. A CLI asks for the tool list at its start and
+# waits for it before it runs a turn; we answer once a request has given it
+# its session.
 TOOL_SERVER = "client"
+# Up to this many characters, the CLI passes a tool result to Claude whole
+# (more is saved to a file and Claude is shown the start), if the tool says so.
+MAX_RESULT_CHARS = 500_000
 TOOL_FLAGS = ("--mcp-config=" + json.dumps({"mcpServers": {TOOL_SERVER: {"type": "sdk", "name": TOOL_SERVER}}}),
               "--permission-prompt-tool=stdio")
 
 
 def build_cli_argv(claude: str, settings: LaunchSettings) -> List[str]:
-    argv = [claude, *CLI_FLAGS, f"--model={settings.model}"]
+    argv = [claude, *CLI_FLAGS, *TOOL_FLAGS, f"--model={settings.model}"]
     if settings.effort:
         argv.append(f"--effort={settings.effort}")
-    if settings.tool_server:
-        argv.extend(TOOL_FLAGS)
     return argv
 
 
@@ -941,9 +975,7 @@ def control_line(request_id: str, subtype: str, **fields) -> bytes:
 
 def initialize_line(settings: SessionSettings) -> bytes:
     # The system prompt goes on stdin, not argv: clients send tens of KB of it.
-    fields: dict = {"systemPrompt": settings.system_prompt}
-    if settings.tools:
-        fields["sdkMcpServers"] = [TOOL_SERVER]
+    fields: dict = {"systemPrompt": settings.system_prompt, "sdkMcpServers": [TOOL_SERVER]}
     if settings.output_schema is not None:
         fields["jsonSchema"] = settings.output_schema
     return control_line("init", "initialize", **fields)
@@ -963,8 +995,12 @@ def deny_tool_line(request_id: str, message: str = "The client runs this functio
     return control_reply(request_id, {"behavior": "deny", "message": message, "interrupt": end_turn})
 
 
-def mcp_reply(message: dict, tools: Sequence[FunctionTool]) -> dict:
-    """Answer the CLI's JSON-RPC message to our tool server ({} for a notification)."""
+def mcp_reply(message: dict, tools: Sequence[FunctionTool], results: Mapping[str, str]) -> dict:
+    """Answer the CLI's JSON-RPC message to our tool server ({} for a notification).
+
+    A tools/call is answered with the client's result for that call: the CLI
+    asks for one only after we allowed the run, which we do once we have it.
+    """
     method, request_id = message.get("method"), message.get("id")
     if request_id is None:
         return {}
@@ -973,12 +1009,20 @@ def mcp_reply(message: dict, tools: Sequence[FunctionTool]) -> dict:
         result = {"protocolVersion": version, "capabilities": {"tools": {}},
                   "serverInfo": {"name": TOOL_SERVER, "version": __version__}}
     elif method == "tools/list":
-        result = {"tools": [{"name": tool.name, "description": tool.description, "inputSchema": tool.parameters}
-                            for tool in tools]}
-    else:  # tools/call cannot come: every run is refused first
+        result = {"tools": [{"name": tool.name, "description": tool.description, "inputSchema": tool.parameters,
+                             "_meta": {"anthropic/maxResultSizeChars": MAX_RESULT_CHARS}} for tool in tools]}
+    elif method == "tools/call" and tool_use_id_of(message) in results:
+        result = {"content": [{"type": "text", "text": results[tool_use_id_of(message)]}]}
+    else:
         return {"jsonrpc": "2.0", "id": request_id,
                 "error": {"code": -32601, "message": f"{method} is not served by claude-max-proxy"}}
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def tool_use_id_of(message: dict) -> Optional[str]:
+    """The tool_use id a tools/call runs, as the CLI names it."""
+    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    return (params.get("_meta") or {}).get("claudecode/toolUseId")
 
 
 def dropped_tools(init: dict, tools: Sequence[FunctionTool]) -> List[str]:
@@ -1011,10 +1055,20 @@ class ClaudeProcess:
 
     It starts with its launch settings and no conversation, so it can be
     started before a request arrives; initialize() gives it a request's session,
-    and each send_conversation() + result is one turn.
+    and each run_turn() is one turn. `state` says where a turn left it: "idle"
+    after a turn the CLI ended as the client saw it, "holding" when the turn
+    waits inside the CLI for the results of Claude's calls to the client's
+    functions, "spoiled" after anything else, and "fresh" before any turn.
     """
 
     def __init__(self, config: Config, settings: LaunchSettings):
+        self.launch = settings
+        self.launch_key = digest(settings)
+        self.started = self.last_used = time.monotonic()
+        self.state = "fresh"
+        self.turn_end: Optional[TurnEnd] = None  # how the last turn ended, when it did
+        self.conversation: Optional[Conversation] = None  # what it has seen, once a pool keeps it
+        self.counted = Usage()  # usage reported so far for the CLI's turn, while it holds calls
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")  # no CLAUDE.md, no project files
         # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
         # stdout, and a child that fills one with warnings blocks forever.
@@ -1024,12 +1078,15 @@ class ClaudeProcess:
         # the request thread, which watches the deadline and the client.
         self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
         self._lock = threading.Lock()
-        self.turn_finished = False
+        self.turn_finished = True  # no turn is under way: closing stdin lets the CLI exit by itself
         self.tools: Tuple[FunctionTool, ...] = ()
-        # Tool runs the CLI asks us about are refused only once Claude's message
-        # is complete: refusing ends the turn, which would cut off the calls
-        # Claude is still writing.
-        self.held_permissions: List[str] = []
+        # Claude's calls to the client's functions: the CLI asks to run each,
+        # and we answer once the client has sent its result, or refuse. We
+        # refuse only once Claude's message is complete: refusing ends the
+        # turn, which would cut off the calls Claude is still writing.
+        self.asked: Dict[str, Tuple[str, dict]] = {}  # tool_use id → (the CLI's request id, the call's input)
+        self.results: Dict[str, str] = {}  # tool_use id → the client's result, until the CLI takes it
+        self.holding: frozenset = frozenset()  # the tool_use ids of the calls a held turn waits for
         self.message_streaming = False
         self.ending = False
         try:
@@ -1046,6 +1103,9 @@ class ClaudeProcess:
     def initialize(self, session: SessionSettings):
         self.tools = session.tools
         self.write(initialize_line(session))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
 
     def _read_stdout(self):
         with self.popen.stdout:  # closed here: another thread closing it could block on its lock
@@ -1102,7 +1162,6 @@ class ClaudeProcess:
                 self.message_streaming = True
             elif stream_kind == "message_stop":
                 self.message_streaming = False
-                self._refuse_held_permissions()
         elif kind == "system" and event.get("subtype") == "init" and self.tools:
             dropped = dropped_tools(event, self.tools)
             if dropped:
@@ -1114,22 +1173,37 @@ class ClaudeProcess:
     def _answer(self, request_id: str, request: dict):
         subtype = request.get("subtype")
         if subtype == "mcp_message":
-            self.write(control_reply(request_id, {"mcp_response": mcp_reply(request.get("message") or {},
-                                                                            self.tools)}))
+            message = request.get("message") or {}
+            self.write(control_reply(request_id, {"mcp_response": mcp_reply(message, self.tools, self.results)}))
+            self.results.pop(tool_use_id_of(message), None)
         elif subtype == "can_use_tool" and any(tool.name == request.get("tool_name") for tool in self.tools):
-            self.held_permissions.append(request_id)
-            if self.ending or not self.message_streaming:
-                self._refuse_held_permissions()
+            call_id = request.get("tool_use_id")
+            self.asked[call_id] = (request_id, request.get("input") or {})
+            if call_id in self.results:
+                self._allow(call_id)
+            elif self.ending or not (self.message_streaming or call_id in self.holding):
+                self.refuse_asked()
         elif subtype == "can_use_tool":  # not the client's: no tool of Claude Code's own may run
             self.write(deny_tool_line(request_id, f"There is no tool named {request.get('tool_name')}.",
                                       end_turn=False))
         else:
             self.write(control_reply(request_id, error=f"claude-max-proxy does not handle {subtype}"))
 
-    def _refuse_held_permissions(self):
-        for request_id in self.held_permissions:
+    def refuse_asked(self):
+        """Refuse every call the CLI asked to run and we have not answered: the client runs them."""
+        for request_id, _ in self.asked.values():
             self.write(deny_tool_line(request_id))
-        self.held_permissions.clear()
+        self.asked.clear()
+
+    def _allow(self, call_id: str):
+        request_id, tool_input = self.asked.pop(call_id)
+        self.write(control_reply(request_id, {"behavior": "allow", "updatedInput": tool_input}))
+
+    def give_results(self, results: Mapping[str, str]):
+        """The client's results for the calls a held turn waits for: the CLI's turn goes on."""
+        self.results.update(results)
+        for call_id in [call_id for call_id in self.asked if call_id in self.results]:
+            self._allow(call_id)
 
     def send_conversation(self, history: Sequence[Turn], prompt: Turn, deadline: float):
         """Seed earlier turns, then ask the prompt (PROTOCOL.md §3.3).
@@ -1157,18 +1231,28 @@ class ClaudeProcess:
                 return
 
     def run_turn(self, request: ChatRequest, history: Sequence[Turn], timeout: float,
-                 client_gone: Callable[[], bool]) -> Iterator:
-        """Seed `history` (the turns of the request this CLI has not seen), ask the prompt, yield the answer.
+                 client_gone: Callable[[], bool], results: Optional[Mapping[str, str]] = None,
+                 hold_calls: bool = False) -> Iterator:
+        """Go on with the request's conversation, and yield Claude's answer.
 
-        Yields TextDelta and ToolCallDelta as they come, None after each
+        The CLI is given `history` (the turns of the request it has not seen)
+        and the request's prompt; or, when it holds Claude's calls, their
+        `results` (by Claude's tool_use id). With `hold_calls`, a turn that
+        ends in calls to the client's functions waits for their results in the
+        CLI. Yields TextDelta and ToolCallDelta as they come, None after each
         stretch of silence, and last TurnEnd. Raises ApiError, or ClientGone
         once client_gone() says the client left.
         """
         deadline = time.monotonic() + timeout
-        self.send_conversation(history, request.prompt, deadline)
+        self.state = "spoiled"  # until the turn ends as the client sees it
+        if results is None:
+            self.send_conversation(history, request.prompt, deadline)
+        else:
+            self.give_results(results)
         translator = TurnTranslator(
             request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
-            one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None)
+            one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None,
+            hold_calls=hold_calls, counted=self.counted)
         quiet_since = checked = time.monotonic()
         interrupted = False
         while True:
@@ -1187,17 +1271,27 @@ class ClaudeProcess:
                 continue
             for out in translator.feed(event):
                 quiet_since = time.monotonic()
+                if isinstance(out, TurnEnd):
+                    self._ended(out, translator.cli_state)
                 yield out
                 if isinstance(out, TurnEnd):
                     return
-            if translator.ended_by and not interrupted:
+            if (event.get("event") or {}).get("type") == "message_stop":
+                self.refuse_asked()  # Claude's message is complete, and no turn holds its calls
+            if translator.ended_by and not interrupted and not (hold_calls and translator.ended_by == "tool_use"):
                 interrupted = True  # stop Claude (and the CLI) going past the end we chose
                 self.end_turn()
+
+    def _ended(self, end: TurnEnd, cli_state: Optional[str]):
+        self.turn_end = end
+        self.state = cli_state or "spoiled"
+        self.holding = frozenset(call.id for call in end.tool_calls) if cli_state == "holding" else frozenset()
+        self.counted = self.counted + end.usage if cli_state == "holding" else Usage()
 
     def end_turn(self):
         """Stop Claude here: the proxy has all of the answer it will send."""
         self.ending = True
-        self._refuse_held_permissions()
+        self.refuse_asked()
         self.write(control_line("stop", "interrupt"))
 
     def close(self):
@@ -1264,6 +1358,12 @@ class Usage:
     def prompt_tokens(self) -> int:
         return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
 
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other))))
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other))))
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -1293,6 +1393,21 @@ class TurnEnd:
     text: str = ""       # the whole answer, as sent
     reasoning: str = ""  # the whole thinking, as sent
     tool_calls: Tuple[ToolCall, ...] = ()
+
+
+def answer_turn(end: TurnEnd) -> Optional[Turn]:
+    """The assistant turn a client sends back after this answer (ids aside), or
+    None if it cannot: a call's arguments that are not a JSON object."""
+    blocks = [{"type": "text", "text": end.text}] if end.text else []
+    for call in end.tool_calls:
+        try:
+            arguments = json.loads(call.arguments)
+        except ValueError:
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
+    return Turn("assistant", blocks)
 
 
 RATE_LIMIT_RETRY_SECONDS = 60
@@ -1372,10 +1487,21 @@ class TurnTranslator:
     tells Claude there is no such tool. `structured` answers take their
     content from the CLI's StructuredOutput tool, and the text around it is
     not sent.
+
+    With `hold_calls`, the turn ends for the client once Claude's message with
+    its calls is complete, but not in the CLI: it waits there for the results.
+    `cli_state` then says "holding"; it says "idle" after a turn the CLI ended
+    as the client saw it, and None after anything else (a turn cut short, a
+    structured answer). `counted` is the usage already reported for the CLI's
+    turn, when this one goes on with it.
     """
 
     def __init__(self, stop: Sequence[str] = (), live: bool = True, clock=time.time,
-                 tools: Sequence[str] = (), one_tool_call: bool = False, structured: bool = False):
+                 tools: Sequence[str] = (), one_tool_call: bool = False, structured: bool = False,
+                 hold_calls: bool = False, counted: Usage = Usage()):
+        self.hold_calls = hold_calls
+        self.counted = counted
+        self.cli_state: Optional[str] = None
         self.live = live
         self.clock = clock
         self.stop_sequences = tuple(stop)
@@ -1443,6 +1569,9 @@ class TurnTranslator:
         elif kind == "message_stop" and line.get("abandoned_blocks") and not self.ended_by:
             # (Our own interrupt abandons blocks too; that is no restart.)
             self._abandon((line["abandoned_blocks"] or {}).get("from_block_index") or 0)
+        elif kind == "message_stop" and self.hold_calls and self.ended_by == "tool_use":
+            self.cli_state = "holding"
+            return [self._end("tool_use", self.stream_usage)]
         return []
 
     def _abandon(self, first_lost_block: int):
@@ -1547,6 +1676,8 @@ class TurnTranslator:
         usage = Usage.from_claude(result.get("usage"))
         if not (usage.input_tokens or usage.output_tokens):
             usage = self.stream_usage
+        else:  # the result counts the CLI's whole turn, which earlier requests may have begun
+            usage -= self.counted
         if self.calls and result.get("terminal_reason") == "aborted_tools":
             # We refused the calls before we saw Claude's stop reason: its
             # message came whole (the non-streaming fallback) or broke off.
@@ -1559,6 +1690,7 @@ class TurnTranslator:
             checked = result.get("structured_output") is not None
             stop_reason = "end_turn" if checked else result.get("stop_reason")
             return self._content(result.get("result") or "") + [self._end(stop_reason, usage)]
+        self.cli_state = "idle"
         return self._content(self.scanner.flush()) + [self._end(result.get("stop_reason"), usage)]
 
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
@@ -2241,7 +2373,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def answer(self, request: ChatRequest) -> Iterator:
         """Run the CLI for one turn: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
         with self.server.gate.slot():
-            with self.server.cli_process(request.launch) as cli:
+            with self.server.cli_process(request.fresh_launch) as cli:
                 try:
                     cli.initialize(request.session)
                     for event in cli.run_turn(request, request.history, self.server.config.timeout,

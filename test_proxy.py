@@ -711,6 +711,8 @@ ERRORS = {  # as in fixtures/errors/*.stdout.jsonl and 50, 56
 }
 
 log({"argv": sys.argv[1:]})
+if "--permission-prompt-tool=stdio" in sys.argv:  # as the real CLI, it asks for its tools at its start
+    connect_tool_server()
 while True:
     line = next_line()
     if line is None:
@@ -718,8 +720,6 @@ while True:
     if line["type"] == "control_request":
         emit({"type": "control_response", "response": {"subtype": "success", "request_id": line["request_id"],
               "response": {}}})
-        if line["request"].get("sdkMcpServers"):
-            connect_tool_server()
     elif line["type"] == "user" and line.get("shouldQuery") is False:
         emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [t["name"] for t in TOOLS]})
         log({"emitted": "history result"})
@@ -976,7 +976,7 @@ def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks():
     ({"reasoning_effort": "minimal"}, cmp.LaunchSettings(model="sonnet", effort="low")),
     ({"reasoning_effort": "high"}, cmp.LaunchSettings(model="sonnet", effort="high")),
     ({"reasoning_effort": "none"}, cmp.LaunchSettings(model="sonnet", thinking=False)),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, cmp.LaunchSettings(model="sonnet", tool_server=True)),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, cmp.LaunchSettings(model="sonnet")),
 ])
 def test_request_fields_become_launch_settings(fields, expected):
     assert parse(**fields).launch == expected
@@ -1144,10 +1144,11 @@ def test_unpaired_tool_messages_are_400s_as_at_openai(messages, param, says):
     assert says in caught.value.message
 
 
-def test_thinking_is_off_for_the_turn_that_carries_tool_results():
-    assert not parse(messages=[USER, CALL, RESULT], tools=[WEATHER]).launch.thinking
+def test_thinking_is_off_for_the_turn_that_carries_tool_results_when_started_afresh():
+    carrying = parse(messages=[USER, CALL, RESULT], tools=[WEATHER])
+    assert carrying.launch.thinking and not carrying.fresh_launch.thinking
     assert parse(messages=[USER, CALL, RESULT, {"role": "assistant", "content": "Sunny."}, USER],
-                 tools=[WEATHER]).launch.thinking
+                 tools=[WEATHER]).fresh_launch.thinking
 
 
 # The Responses API request.
@@ -1272,29 +1273,32 @@ def test_billing_variables_are_removed_unless_asked_for():
     assert kept["ANTHROPIC_API_KEY"] == "sk" and kept["ANTHROPIC_AUTH_TOKEN"] == "t"
 
 
-def test_tools_add_the_tool_server_flags_and_initialize_fields():
+def test_every_cli_gets_the_tool_server_and_the_session_comes_in_initialize():
     tool = cmp.FunctionTool("get_time", "", {"type": "object", "properties": {}})
     plain = cmp.LaunchSettings(model="opus")
-    assert not set(cmp.TOOL_FLAGS) & set(cmp.build_cli_argv("claude", plain))
-    assert cmp.build_cli_argv("claude", cmp.LaunchSettings(model="opus", tool_server=True))[-2:] == list(cmp.TOOL_FLAGS)
+    assert set(cmp.TOOL_FLAGS) <= set(cmp.build_cli_argv("claude", plain))
     init = json.loads(cmp.initialize_line(cmp.SessionSettings("-rf / you are", (tool,), {"type": "object"})))["request"]
     assert (init["systemPrompt"], init["sdkMcpServers"], init["jsonSchema"]) == (
         "-rf / you are", [cmp.TOOL_SERVER], {"type": "object"})
-    assert "sdkMcpServers" not in json.loads(cmp.initialize_line(cmp.SessionSettings()))["request"]
+    assert "jsonSchema" not in json.loads(cmp.initialize_line(cmp.SessionSettings()))["request"]
     assert cmp.build_cli_env({}, Config(), plain)["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] == "1"
 
 
-def test_the_tool_server_lists_the_client_tools_and_runs_none():
+def test_the_tool_server_lists_the_client_tools_and_answers_calls_with_the_clients_results():
     tool = cmp.FunctionTool("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})
-    listed = cmp.mcp_reply({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, [tool])
+    listed = cmp.mcp_reply({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, [tool], {})
     assert listed == {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
-        {"name": "get_weather", "description": "Weather.", "inputSchema": tool.parameters}]}}
+        {"name": "get_weather", "description": "Weather.", "inputSchema": tool.parameters,
+         "_meta": {"anthropic/maxResultSizeChars": 500_000}}]}}
     hello = cmp.mcp_reply({"jsonrpc": "2.0", "id": 0, "method": "initialize",
-                           "params": {"protocolVersion": "2025-11-25"}}, [tool])
+                           "params": {"protocolVersion": "2025-11-25"}}, [tool], {})
     assert hello["result"]["protocolVersion"] == "2025-11-25" and "tools" in hello["result"]["capabilities"]
-    assert cmp.mcp_reply({"jsonrpc": "2.0", "method": "notifications/initialized"}, [tool]) == {}
-    call = cmp.mcp_reply({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_weather"}}, [tool])
-    assert call["error"]["code"] == -32601
+    assert cmp.mcp_reply({"jsonrpc": "2.0", "method": "notifications/initialized"}, [tool], {}) == {}
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "get_weather", "arguments": {"city": "Oslo"}, "_meta": {"claudecode/toolUseId": "toolu_1"}}}
+    assert cmp.mcp_reply(call, [tool], {"toolu_1": "Sunny"}) == {
+        "jsonrpc": "2.0", "id": 2, "result": {"content": [{"type": "text", "text": "Sunny"}]}}
+    assert cmp.mcp_reply(call, [tool], {"toolu_2": "Rain"})["error"]["code"] == -32601
 
 
 def test_tools_the_cli_left_out_are_found_in_its_init_line():
@@ -1318,7 +1322,7 @@ def test_one_process_answers_two_turns_each_with_the_scenario_of_its_time(fake):
         assert events[-1].stop_reason == "end_turn" and events[-1].reasoning == "Let me think. "
     finally:
         cli.close()
-    sent = [line for line in fake.stdin()]
+    sent = [line for line in fake.stdin() if line["type"] != "control_response"]  # (to the tool server)
     assert [line["type"] for line in sent] == ["control_request", "user", "user"]
     assert [line["message"]["content"] for line in sent[1:]] == [[{"type": "text", "text": "Q1"}],
                                                                  [{"type": "text", "text": "Q2"}]]
@@ -1835,7 +1839,8 @@ def test_what_the_cli_is_started_with(client, fake, monkeypatch, tmp_path):
     assert "PROMPT-MARKER" not in json.dumps(seen["argv"]) and "S1" not in json.dumps(seen["argv"])
     assert seen["argv"][-2:] == ["--model=opus", "--effort=high"] and "--tools=" in seen["argv"]
     assert seen["stdin"][0] == {"type": "control_request", "request_id": "init",
-                                "request": {"subtype": "initialize", "systemPrompt": "S1\n\nS2"}}
+                                "request": {"subtype": "initialize", "systemPrompt": "S1\n\nS2",
+                                            "sdkMcpServers": ["client"]}}
     assert seen["stdin"][1] == {"type": "user", "message": {"role": "user", "content": [
         {"type": "text", "text": "PROMPT-MARKER"}]}}
     assert (seen["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], seen["env"]["CLAUDE_CODE_MAX_RETRIES"]) == ("77", "2")
@@ -1849,11 +1854,12 @@ def test_history_is_seeded_turn_by_turn(client, fake):
                                       {"role": "user", "content": "Q2"}, {"role": "user", "content": "Q2b"},
                                       {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q3"}]))
     lines = [(line["type"], line.get("shouldQuery"), [b["text"] for b in line["message"]["content"]])
-             for line in seen["stdin"][1:]]
+             for line in seen["stdin"][1:] if line["type"] != "control_response"]  # (to the tool server)
     assert lines == [("user", False, ["Q1"]), ("assistant", None, ["A1"]), ("user", False, ["Q2", "Q2b"]),
                      ("assistant", None, ["A2"]), ("user", None, ["Q3"])]
     # Each assistant line was written only after the history turn before it had finished.
-    order = [e.get("emitted") or e["stdin"]["type"] for e in fake.log() if "emitted" in e or "stdin" in e]
+    order = [e.get("emitted") or e["stdin"]["type"] for e in fake.log()
+             if "emitted" in e or "stdin" in e and e["stdin"]["type"] != "control_response"]
     assert order == ["control_request", "user", "history result", "assistant", "user", "history result",
                      "assistant", "user"]
 
@@ -2245,9 +2251,11 @@ def test_tools_reach_claude_as_the_client_defined_them(client, fake):
     fake.play("tool_calls")
     assert client.chat(**TOOL_REQUEST).status == 200
     listed = replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"]
+    whole = {"anthropic/maxResultSizeChars": cmp.MAX_RESULT_CHARS}  # results up to this size reach Claude whole
     assert listed == [{"name": "get_weather", "description": "Weather for a city.",
-                       "inputSchema": WEATHER["function"]["parameters"]},
-                      {"name": "get_time", "description": "", "inputSchema": {"type": "object", "properties": {}}}]
+                       "inputSchema": WEATHER["function"]["parameters"], "_meta": whole},
+                      {"name": "get_time", "description": "", "inputSchema": {"type": "object", "properties": {}},
+                       "_meta": whole}]
     argv = fake.log()[0]["argv"]
     assert "--tools=" in argv and "--permission-prompt-tool=stdio" in argv
 
@@ -2321,9 +2329,8 @@ def test_a_call_made_without_streaming_is_refused_at_once(start_proxy, fake):
 
 def test_tool_choice_none_offers_no_tools(client, fake):
     fake.play("echo")
-    seen = echo(client.chat(tool_choice="none", **TOOL_REQUEST))
-    assert not set(cmp.TOOL_FLAGS) & set(seen["argv"])
-    assert "sdkMcpServers" not in seen["stdin"][0]["request"]
+    assert echo(client.chat(tool_choice="none", **TOOL_REQUEST))["stdin"][0]["request"]["subtype"] == "initialize"
+    assert replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"] == []
 
 
 def test_a_named_function_is_the_only_one_offered(client, fake):

@@ -69,6 +69,11 @@ class Config:
     cors_origins: Tuple[str, ...] = ()
     allowed_hosts: Tuple[str, ...] = ()
     max_concurrency: int = 4
+    max_processes: int = 8
+    spares: int = 1
+    conversations: int = 4
+    spare_timeout: float = 600.0
+    conversation_timeout: float = 600.0
     timeout: float = 600.0
     max_retries: int = 2
     use_api_key: bool = False
@@ -111,6 +116,23 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         default=env("MAX_CONCURRENCY") or Config.max_concurrency,
         help="CLI processes running at once; a few more requests wait briefly, "
              "the rest get 429 ($CLAUDE_MAX_PROXY_MAX_CONCURRENCY; default %(default)s)")
+    add("--max-processes", metavar="N", type=int, default=env("MAX_PROCESSES"),
+        help="CLI processes alive at once, whatever they do (running, spare, live or held): the memory "
+             f"bound, about 160 MB each ($CLAUDE_MAX_PROXY_MAX_PROCESSES; default {Config.max_processes}, "
+             "or --max-concurrency if more)")
+    add("--spares", metavar="N", type=int, default=env("SPARES") or Config.spares,
+        help="CLI processes started ahead of need, for new conversations; 0 starts each one on demand "
+             "($CLAUDE_MAX_PROXY_SPARES; default %(default)s)")
+    add("--conversations", metavar="N", type=int, default=env("CONVERSATIONS") or Config.conversations,
+        help="finished conversations whose CLI is kept for their next request; 0 replays every "
+             "conversation into a new CLI ($CLAUDE_MAX_PROXY_CONVERSATIONS; default %(default)s)")
+    add("--spare-timeout", metavar="SECONDS", type=float, default=env("SPARE_TIMEOUT") or Config.spare_timeout,
+        help="stop a spare CLI when no new conversation came for this long "
+             "($CLAUDE_MAX_PROXY_SPARE_TIMEOUT; default %(default)s)")
+    add("--conversation-timeout", metavar="SECONDS", type=float,
+        default=env("CONVERSATION_TIMEOUT") or Config.conversation_timeout,
+        help="end a kept conversation's CLI after this long without its next request, also one that "
+             "waits for tool results ($CLAUDE_MAX_PROXY_CONVERSATION_TIMEOUT; default %(default)s)")
     add("--timeout", metavar="SECONDS", type=float, default=env("TIMEOUT") or Config.timeout,
         help="give up on a request after this long, with 504 ($CLAUDE_MAX_PROXY_TIMEOUT; default %(default)s)")
     add("--max-retries", metavar="N", type=int, default=env("MAX_RETRIES") or Config.max_retries,
@@ -133,15 +155,23 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
+    if args.max_processes is None:
+        args.max_processes = max(Config.max_processes, args.max_concurrency)
+    if args.max_processes < args.max_concurrency:
+        parser.error("--max-processes must be at least --max-concurrency: each running request has a CLI")
+    if args.spares < 0 or args.conversations < 0:
+        parser.error("--spares and --conversations must not be negative")
+    if min(args.timeout, args.spare_timeout, args.conversation_timeout) <= 0:
+        parser.error("--timeout, --spare-timeout and --conversation-timeout must be positive")
     if args.max_retries < 0:
         parser.error("--max-retries must not be negative")
     return Config(
         host=args.host, port=args.port, claude=args.claude, api_key=args.api_key or None,
         cors_origins=tuple(args.cors_origins or _env_list(env("CORS_ORIGINS"))),
         allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
-        max_concurrency=args.max_concurrency, timeout=args.timeout, max_retries=args.max_retries,
+        max_concurrency=args.max_concurrency, max_processes=args.max_processes, spares=args.spares,
+        conversations=args.conversations, spare_timeout=args.spare_timeout,
+        conversation_timeout=args.conversation_timeout, timeout=args.timeout, max_retries=args.max_retries,
         use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
         log_level=args.log_level)
 
@@ -1069,6 +1099,7 @@ class ClaudeProcess:
         self.turn_end: Optional[TurnEnd] = None  # how the last turn ended, when it did
         self.conversation: Optional[Conversation] = None  # what it has seen, once a pool keeps it
         self.counted = Usage()  # usage reported so far for the CLI's turn, while it holds calls
+        self.binary = binary_identity(config.claude)
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")  # no CLAUDE.md, no project files
         # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
         # stdout, and a child that fills one with warnings blocks forever.
@@ -1333,6 +1364,332 @@ class ClaudeProcess:
         detail = f": {lines[-1][:300]}" if lines else ""
         return ApiError(502, f"The Claude Code CLI exited (status {status}) without "
                                    f"an answer{detail}", code="cli_failed")
+
+
+# A kept CLI's conversation, and how a request goes on with it (pure).
+
+@dataclass(frozen=True)
+class Conversation:
+    """What a kept CLI has seen, as the next request of its conversation tells it."""
+    tenant: str             # a digest of the API key its requests carried
+    session: str            # the digest of its SessionSettings
+    turns: Tuple[str, ...]  # its canonical_turns, the last answer included
+    calls: Mapping[str, str] = field(default_factory=dict)  # held calls: Claude's id by label in `turns`
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """What a CLI is given of a request: the turns it lacks before the prompt,
+    or, when it holds Claude's calls, their results (by Claude's id)."""
+    history: Tuple[Turn, ...] = ()
+    results: Optional[Dict[str, str]] = None
+
+
+def conversation_of(request: ChatRequest, end: TurnEnd, tenant: str, holding: bool) -> Optional[Conversation]:
+    """The conversation a CLI has after answering `request` with `end`, if a client can tell it again."""
+    answer = answer_turn(end)
+    if answer is None:
+        return None
+    texts, labels = canonical_turns([*request.history, request.prompt, answer])
+    calls = {labels[call.id]: call.id for call in end.tool_calls} if holding else {}
+    return Conversation(tenant, digest(request.session), tuple(texts), calls)
+
+
+def continuation(kept: Conversation, turns: Sequence[Turn], texts: Sequence[str],
+                 labels: Mapping[str, str]) -> Optional[Continuation]:
+    """How a request whose turns are `turns` (canonically `texts`, with `labels`)
+    goes on with `kept`, or None if it does not go on with it.
+
+    It must repeat the conversation and add to it. When the CLI holds Claude's
+    calls, it must add just their results, one for each, which the CLI can
+    pass on as they are: text (Claude Code shows a tool without output as
+    something else) of at most MAX_RESULT_CHARS.
+    """
+    seen = len(kept.turns)
+    if len(texts) <= seen or tuple(texts[:seen]) != kept.turns:
+        return None
+    prompt = turns[-1]
+    answers_calls = any(block["type"] == "tool_result" for block in prompt.content)
+    if not kept.calls:  # a later tool result answers a call the client added: only a fresh CLI takes that
+        return None if answers_calls else Continuation(tuple(turns[seen:-1]))
+    if len(texts) != seen + 1 or not all(block["type"] == "tool_result" for block in prompt.content):
+        return None
+    results = {}
+    for block in prompt.content:
+        text = "".join(part["text"] for part in block.get("content") or [])
+        call_id = kept.calls.get(labels[block["tool_use_id"]])
+        if call_id is None or not text or len(text) > MAX_RESULT_CHARS:
+            return None
+        results[call_id] = text
+    return Continuation(results=results) if len(results) == len(kept.calls) else None
+
+
+# Every CLI the proxy holds, spare, running or kept, within one budget (I/O).
+
+KEEPER_SECONDS = 1.0  # how often the pool looks for processes to retire or start
+
+
+def binary_identity(claude: str) -> Optional[Tuple[int, int, int]]:
+    """What tells a new install of the CLI from the one a process was started from."""
+    try:
+        found = os.stat(shutil.which(claude) or claude)
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+@dataclass
+class Lease:
+    """A CLI a request has, how it came to have it, and what the CLI is given."""
+    cli: ClaudeProcess
+    served: str  # "cold", "warm" (a spare) or "continued"
+    given: Continuation
+    hold_calls: bool
+
+    def run_turn(self, request: ChatRequest, timeout: float, client_gone: Callable[[], bool]) -> Iterator:
+        return self.cli.run_turn(request, self.given.history, timeout, client_gone, self.given.results,
+                                 self.hold_calls)
+
+
+class ProcessPool:
+    """Every CLI process the proxy holds, within one budget (--max-processes).
+
+    A process is running (a request has it), spare (started ahead, waiting
+    for a request's session), live (a finished conversation, waiting for its
+    next request) or held (a conversation whose turn waits, inside the CLI,
+    for the results of Claude's calls). A request takes the live or held
+    process its conversation goes on with; else a spare started with its
+    launch settings; else a new one, for which the least recently used
+    process no request has makes room. The spares follow the launch settings
+    of the latest new conversations, since a client sends the same each time.
+    A keeper thread starts them, and retires what waited too long, died, or
+    was started from a CLI since replaced.
+    """
+
+    def __init__(self, config: Config, stopping: threading.Event):
+        self.config = config
+        self.stopping = stopping  # once set, no process is started or kept
+        self._lock = threading.Condition()
+        self._running: set = set()
+        self._idle: "OrderedDict[ClaudeProcess, None]" = OrderedDict()  # least recently used first
+        self._starting = self._closing = 0  # processes on their way in or out, counted in the budget
+        self._wanted: List[Tuple[float, LaunchSettings]] = []  # (when, the launch of a new conversation)
+        threading.Thread(target=self._keep, name="cli-pool", daemon=True).start()
+
+    @contextmanager
+    def lease(self, request: ChatRequest, tenant: str) -> Iterator[Lease]:
+        """A CLI for the request; kept after a turn the client saw whole, else stopped."""
+        lease = self._claim(request, tenant)
+        try:
+            yield lease
+        except BaseException:
+            self._retire(lease.cli)
+            raise
+        self._put_back(lease.cli, request, tenant)
+
+    def _claim(self, request: ChatRequest, tenant: str) -> Lease:
+        turns = [*request.history, request.prompt]
+        texts, labels = canonical_turns(turns)
+        hold_calls = self.config.conversations > 0 and not request.one_tool_call
+        launch = request.fresh_launch
+        with self._lock:
+            if self.stopping.is_set():
+                raise shutting_down()
+            cli, given, unusable = self._kept_for(request, tenant, turns, texts, labels)
+            served = "continued"
+            if cli is None:
+                wanted = [*self._wanted, (time.monotonic(), launch)]
+                self._wanted = wanted[-self.config.spares:] if self.config.spares else []
+                cli, stale = self._spare_for(launch)
+                unusable += stale
+                given, served = Continuation(tuple(request.history)), "warm"
+            if cli is None:
+                unusable += self._make_room()
+                self._starting += 1
+            else:
+                self._running.add(cli)
+            self._closing += len(unusable)
+            self._lock.notify_all()  # the keeper replaces a spare, or learns the launch
+        self._stop(unusable)
+        if cli is None:
+            cli, served = self._start(launch, for_request=True), "cold"
+        if served != "continued":
+            cli.initialize(request.session)
+        return Lease(cli, served, given, hold_calls)
+
+    def _kept_for(self, request: ChatRequest, tenant: str, turns, texts, labels) -> tuple:
+        """The kept process the request goes on with, what it is given, and kept processes it leaves unusable."""
+        launches = {digest(request.launch), digest(request.fresh_launch)}
+        session = digest(request.session)
+        found, given, unusable = None, None, []
+        for cli in self._idle:
+            kept = cli.conversation
+            if kept is None or (kept.tenant, kept.session) != (tenant, session) or cli.launch_key not in launches:
+                continue
+            goes_on = continuation(kept, turns, texts, labels)
+            if goes_on is None and kept.calls and tuple(texts[:len(kept.turns)]) == kept.turns:
+                unusable.append(cli)  # its calls were answered, in a way the CLI cannot take
+            elif goes_on is not None and not cli.alive():
+                unusable.append(cli)
+            elif goes_on is not None and (found is None or len(kept.turns) > len(found.conversation.turns)):
+                found, given = cli, goes_on
+        for cli in [*unusable, *([found] if found else [])]:
+            del self._idle[cli]
+        return found, given, unusable
+
+    def _spare_for(self, launch: LaunchSettings) -> Tuple[Optional[ClaudeProcess], List[ClaudeProcess]]:
+        """A spare started with `launch`, checked; and the spares found dead or stale."""
+        key, binary, unusable = digest(launch), binary_identity(self.config.claude), []
+        for cli in reversed(self._idle):
+            if cli.conversation is None and cli.launch_key == key:
+                if cli.alive() and cli.binary == binary:
+                    del self._idle[cli]
+                    return cli, unusable
+                unusable.append(cli)
+        for cli in unusable:
+            del self._idle[cli]
+        return None, unusable
+
+    def _make_room(self) -> List[ClaudeProcess]:
+        """The least recently used idle processes that must go for one more to fit the budget."""
+        victims = []
+        while self._idle and self._total() >= self.config.max_processes:
+            victims.append(self._idle.popitem(last=False)[0])
+        return victims
+
+    def _total(self) -> int:
+        return len(self._running) + len(self._idle) + self._starting + self._closing
+
+    def _start(self, launch: LaunchSettings, for_request: bool) -> Optional[ClaudeProcess]:
+        """Start a CLI for a request (which then has it) or as a spare; None if the pool closed meanwhile."""
+        try:
+            cli = ClaudeProcess(self.config, launch)
+        except ApiError:
+            with self._lock:
+                self._starting -= 1
+            raise
+        with self._lock:
+            self._starting -= 1
+            stopping = self.stopping.is_set()
+            if stopping:
+                self._closing += 1
+            elif for_request:
+                self._running.add(cli)
+            else:
+                self._idle[cli] = None
+        if stopping:  # checked after starting it: close() saw it counted, or we see the stop
+            self._stop([cli])
+            if for_request:
+                raise shutting_down()
+            return None
+        return cli
+
+    def _put_back(self, cli: ClaudeProcess, request: ChatRequest, tenant: str):
+        """After a turn the client saw whole: keep its conversation, or stop it."""
+        kept = None
+        if self.config.conversations and cli.state in ("idle", "holding") and cli.alive():
+            kept = conversation_of(request, cli.turn_end, tenant, holding=cli.state == "holding")
+        with self._lock:
+            self._running.discard(cli)
+            if kept is None or self.stopping.is_set():
+                unusable = [cli]
+            else:
+                cli.conversation, cli.last_used = kept, time.monotonic()
+                self._idle[cli] = None
+                unusable = self._too_many_conversations()
+            self._closing += len(unusable)
+            self._lock.notify_all()
+        self._stop(unusable)
+
+    def _too_many_conversations(self) -> List[ClaudeProcess]:
+        kept = [cli for cli in self._idle if cli.conversation is not None]  # least recently used first
+        excess = kept[:max(len(kept) - self.config.conversations, 0)]
+        for cli in excess:
+            del self._idle[cli]
+        return excess
+
+    def _retire(self, cli: ClaudeProcess):
+        with self._lock:
+            self._running.discard(cli)
+            self._closing += 1
+        self._stop([cli])
+
+    def _stop(self, processes: Sequence[ClaudeProcess]):
+        """Stop processes taken out of the pool (and counted in _closing meanwhile)."""
+        for cli in processes:
+            cli.close()
+        with self._lock:
+            self._closing -= len(processes)
+            self._lock.notify_all()
+
+    def _keep(self):
+        """The keeper thread: retire what waited too long, died or went stale; start the spares wanted."""
+        while True:
+            with self._lock:
+                self._lock.wait(KEEPER_SECONDS)
+                if self.stopping.is_set():
+                    return
+                unusable = self._expired()
+                self._closing += len(unusable)
+                wanted = self._missing_spares()
+                self._starting += len(wanted)
+            self._stop(unusable)
+            for launch in wanted:
+                try:
+                    self._start(launch, for_request=False)
+                except ApiError as err:
+                    log.warning("could not start a spare CLI: %s", err.message)
+
+    def _expired(self) -> List[ClaudeProcess]:
+        now, binary = time.monotonic(), binary_identity(self.config.claude)
+        self._wanted = [(when, launch) for when, launch in self._wanted if now - when < self.config.spare_timeout]
+        wanted = [digest(launch) for _, launch in self._wanted]
+        expired = []
+        for cli in reversed(self._idle):  # the newest spare of a launch is the one kept
+            if cli.conversation is None:
+                gone = cli.launch_key not in wanted or cli.binary != binary
+                if not gone:
+                    wanted.remove(cli.launch_key)
+            else:
+                gone = now - cli.last_used > self.config.conversation_timeout
+            if gone or not cli.alive():
+                expired.append(cli)
+        for cli in expired:
+            del self._idle[cli]
+        return expired
+
+    def _missing_spares(self) -> List[LaunchSettings]:
+        """The spares to start: one for each wanted launch without one, as the budget allows."""
+        have = [cli.launch_key for cli in self._idle if cli.conversation is None]
+        missing = []
+        for _, launch in self._wanted:
+            if digest(launch) in have:
+                have.remove(digest(launch))
+            else:
+                missing.append(launch)
+        return missing[:max(self.config.max_processes - self._total(), 0)]
+
+    def close(self):
+        """Take no more requests, and stop every process no request has."""
+        with self._lock:
+            self.stopping.set()
+            idle = list(self._idle)
+            self._idle.clear()
+            self._closing += len(idle)
+        self._stop(idle)
+
+    def running(self) -> List[ClaudeProcess]:
+        with self._lock:
+            return list(self._running)
+
+    def counts(self) -> dict:
+        """The processes in each state, and the budget they share."""
+        with self._lock:
+            kept = [cli.conversation for cli in self._idle]
+            return {"running": len(self._running) + self._starting + self._closing,
+                    "live": sum(1 for c in kept if c is not None and not c.calls),
+                    "held": sum(1 for c in kept if c is not None and c.calls),
+                    "spare": sum(1 for c in kept if c is None), "limit": self.config.max_processes}
 
 
 # ── 6. Claude's events: stream-json lines → TextDelta / TurnEnd (pure) ──────
@@ -2147,8 +2504,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.gate = AdmissionGate(config.max_concurrency, QUEUE_LENGTH, QUEUE_WAIT_SECONDS)
         self.stored = ResponseStore()
         self.stopping = threading.Event()
-        self._processes: set = set()
-        self._processes_lock = threading.Lock()
+        self.pool = ProcessPool(config, self.stopping)
         self._handling = 0  # requests between their first byte and their log line
         self._handling_done = threading.Condition()
 
@@ -2163,38 +2519,19 @@ class ProxyServer(ThreadingHTTPServer):
                 self._handling -= 1
                 self._handling_done.notify_all()
 
-    @contextmanager
-    def cli_process(self, settings: LaunchSettings) -> Iterator[ClaudeProcess]:
-        if self.stopping.is_set():
-            raise shutting_down()
-        process = ClaudeProcess(self.config, settings)
-        with self._processes_lock:
-            self._processes.add(process)
-        try:
-            if self.stopping.is_set():  # checked after adding: drain_and_close sees it, or we do
-                raise shutting_down()
-            yield process
-        finally:
-            process.close()
-            with self._processes_lock:
-                self._processes.discard(process)
-
     def server_bind(self):
         # HTTPServer.server_bind would look up the host's FQDN: a DNS query at every start.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def live_processes(self) -> list:
-        with self._processes_lock:
-            return list(self._processes)
-
     def drain_and_close(self):
         """Stop taking requests, give in-flight ones a grace period, then stop every child."""
         self.stopping.set()
         self.server_close()
+        self.pool.close()
         if not self._wait_handled(SHUTDOWN_GRACE_SECONDS):
-            log.warning("stopping %d unfinished request(s)", len(self.live_processes()))
-        for process in self.live_processes():
+            log.warning("stopping %d unfinished request(s)", len(self.pool.running()))
+        for process in self.pool.running():
             process.close()
         self._wait_handled(SHUTDOWN_GRACE_SECONDS)  # they answer 503 and end
 
@@ -2224,6 +2561,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reply: Union[Reply, ResponseBuilder, None] = None  # the answer being written
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
+        self.log_served = "-"  # how a turn got its CLI: cold, warm or continued
         self.status = 0
         given_id = self.headers.get("x-request-id", "") if self.headers is not None else ""
         self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
@@ -2267,7 +2605,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            code="method_not_allowed", headers=[("Allow", allowed)])
         if route == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
-                                 "in_flight": self.server.gate.running, "queued": self.server.gate.waiting})
+                                 "in_flight": self.server.gate.running, "queued": self.server.gate.waiting,
+                                 "processes": self.server.pool.counts()})
         elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
         elif route == "/v1/models/{id}":
@@ -2370,26 +2709,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
         return body
 
-    def answer(self, request: ChatRequest) -> Iterator:
-        """Run the CLI for one turn: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
-        with self.server.gate.slot():
-            with self.server.cli_process(request.fresh_launch) as cli:
-                try:
-                    cli.initialize(request.session)
-                    for event in cli.run_turn(request, request.history, self.server.config.timeout,
-                                              self.client_gone):
-                        if isinstance(event, TurnEnd):
-                            self.log_usage = event.usage
-                        yield event
-                except ApiError:
-                    if self.server.stopping.is_set():  # we stopped its CLI ourselves
-                        raise shutting_down() from None
-                    raise
+    def answer(self, lease: Lease, request: ChatRequest) -> Iterator:
+        """One turn of the lease's CLI: TextDelta, ToolCallDelta, None after silence, and last TurnEnd."""
+        try:
+            for event in lease.run_turn(request, self.server.config.timeout, self.client_gone):
+                if isinstance(event, TurnEnd):
+                    self.log_usage = event.usage
+                yield event
+        except ApiError:
+            if self.server.stopping.is_set():  # we stopped its CLI ourselves
+                raise shutting_down() from None
+            raise
+
+    def tenant(self) -> str:
+        """Whose conversations this request may go on with: those of requests with the same key, or none."""
+        key = self.headers.get("Authorization") or self.headers.get("x-api-key") or ""
+        return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
 
     def send_reply(self, request: ChatRequest, at_end: Callable[[], None] = lambda: None):
         """Answer with the turn, streamed or as one body; at_end runs before the client hears the end,
         so that a client's next request finds what at_end kept."""
-        with closing(self.answer(request)) as events:
+        with self.server.gate.slot(), self.server.pool.lease(request, self.tenant()) as lease, \
+                closing(self.answer(lease, request)) as events:
+            self.log_served = lease.served
             if not request.stream:
                 body = self.reply.whole(turn_end(events))
                 at_end()
@@ -2504,8 +2846,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_access(self):
         usage = self.log_usage
         tokens = f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-"
-        log.info("%s %s %s model=%s tokens=%s %.3fs id=%s", self.command, urlsplit(self.path).path,
-                 self.status, self.log_model, tokens, time.monotonic() - self.started, self.request_id)
+        log.info("%s %s %s model=%s tokens=%s served=%s %.3fs id=%s", self.command, urlsplit(self.path).path,
+                 self.status, self.log_model, tokens, self.log_served, time.monotonic() - self.started,
+                 self.request_id)
 
     def log_message(self, format, *args):
         log.debug("%s " + format, self.address_string(), *args)

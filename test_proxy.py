@@ -229,6 +229,11 @@ def texts(text: str) -> list:
     return [{"type": "text", "text": text}]
 
 
+def without_cache_marks(block: dict) -> dict:
+    """A content block without the prompt-cache mark the CLI puts on the latest one."""
+    return {key: value for key, value in block.items() if key != "cache_control"}
+
+
 def user_texts(body: dict) -> list:
     """The text of each user message the upstream got, without the CLI's reminders."""
     texts = []
@@ -447,11 +452,13 @@ def event(e, **extra):
     emit({"type": "stream_event", "event": e, "session_id": "s", **extra})
 
 
-def message_start(usage=None):
+def message_start(usage=None, init=True):
+    """Claude's next message; the first of a turn comes after the turn's init line."""
     names = [tool["name"] for tool in TOOLS]
     if SCENARIO == "drops_tools":  # as the real CLI does with a schema it rejects
         names = names[:-1]
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": names, "model": "claude-sonnet-5-5"})
+    if init:
+        emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": names, "model": "claude-sonnet-5-5"})
     event({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
            "content": [], "usage": usage or {"input_tokens": 10, "output_tokens": 1}}})
 
@@ -557,11 +564,53 @@ def answered_early():
     return bool(select.select([sys.stdin], [], [], 0.5)[0])
 
 
-def await_permission_reply():
+def await_reply(prefix):
+    """The proxy's answer to our control request whose id starts with `prefix` (None at the end of stdin)."""
     while True:
         line = next_line()
-        if line is None or line["type"] == "control_response" and line["response"]["request_id"].startswith("perm-"):
-            return
+        if line is None or line["type"] == "control_response" and line["response"]["request_id"].startswith(prefix):
+            return line and line["response"].get("response")
+
+
+def await_permission_reply():
+    return await_reply("perm-")
+
+
+def run_calls(calls):
+    """Run Claude's calls one at a time, as the real CLI runs the client's tools.
+
+    It asks to run each (the first was asked while Claude wrote it), runs an
+    allowed one through the tool server, and tells Claude a refused one did
+    not run. False if the proxy refused a run and ended the turn.
+    """
+    for number, (call_id, name, tool_input) in enumerate(calls):
+        if number:
+            ask_permission(call_id, name, tool_input)
+        reply = await_permission_reply()
+        if reply is None or reply["behavior"] == "deny" and reply["interrupt"]:
+            return False
+        if reply["behavior"] == "allow":
+            emit({"type": "control_request", "request_id": "call-" + call_id, "request": {
+                "subtype": "mcp_message", "server_name": "client", "message": {
+                    "method": "tools/call", "jsonrpc": "2.0", "id": 10 + number, "params": {
+                        "name": name, "arguments": reply["updatedInput"],
+                        "_meta": {"claudecode/toolUseId": call_id}}}}})
+            content = await_reply("call-" + call_id)["mcp_response"]["result"]["content"]
+        else:
+            content = reply["message"]
+        log({"ran": call_id, "content": content})
+        emit({"type": "user", "message": {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": call_id, "content": content}]}})
+    return True
+
+
+def answered(text, usage):
+    """Claude's answer after the tool results, in the same turn; `usage` counts the whole turn."""
+    message_start({"input_tokens": 20, "output_tokens": 1}, init=False)
+    block()
+    deltas(text)
+    end(output_tokens=5)
+    result(text, usage)
 
 
 def refused(output_tokens=20):
@@ -663,8 +712,21 @@ def answer():
         tool_block(2, "toolu_2", "get_time")
         event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}})
         event({"type": "message_stop"})
-        await_permission_reply()
-        refused()
+        if run_calls([("toolu_1", "get_weather", {"city": "Z\u00fcrich"}), ("toolu_2", "get_time", {})]):
+            answered("Sunny at noon.", {"input_tokens": 30, "output_tokens": 25})
+        else:
+            refused()
+    elif SCENARIO.startswith("tool_loop"):  # an agent's loop: "tool_loop N" calls a tool N times, then answers
+        steps = int(SCENARIO.split()[1])
+        for step in range(steps):
+            message_start(init=step == 0)
+            tool_block(0, f"toolu_s{step}", "get_weather", '{"city": "Oslo"}')
+            ask_permission(f"toolu_s{step}", "get_weather", {"city": "Oslo"})
+            event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}})
+            event({"type": "message_stop"})
+            if not run_calls([(f"toolu_s{step}", "get_weather", {"city": "Oslo"})]):
+                return refused()
+        answered("Done.", {"input_tokens": 10 * steps + 20, "output_tokens": 20 * steps + 5})
     elif SCENARIO == "tool_call_unstreamed":  # the CLI's non-streaming fallback
         emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": [t["name"] for t in TOOLS]})
         ask_permission("toolu_0", "Bash", {"command": "rm -rf ~"})  # not a client tool: must never run
@@ -1971,7 +2033,7 @@ def test_request_timeout_is_504_and_stops_the_cli(start_proxy, fake):
     proxy = start_proxy(timeout=0.5)
     reply = proxy.chat()
     assert (reply.status, reply.error["code"]) == (504, "timeout")
-    assert wait_until(lambda: proxy.server.live_processes() == [])
+    assert wait_until(lambda: proxy.server.pool.running() == [])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1981,25 +2043,25 @@ def test_a_client_that_disconnects_gets_its_cli_stopped_within_a_second(client, 
     conn.request("POST", "/v1/chat/completions",
                  json.dumps({"model": "claude-sonnet-4", "messages": [USER], "stream": stream}),
                  {"Content-Type": "application/json"})
-    assert wait_until(lambda: len(client.server.live_processes()) == 1)
-    [process] = client.server.live_processes()
+    assert wait_until(lambda: len(client.server.pool.running()) == 1)
+    [process] = client.server.pool.running()
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     gone_at = time.monotonic()
     assert wait_until(lambda: not pid_alive(process.popen.pid), timeout=1.0)
     assert time.monotonic() - gone_at < 1.0
-    assert wait_until(lambda: client.server.live_processes() == [])
+    assert wait_until(lambda: client.server.pool.running() == [])
 
 
 def test_busy_server_queues_briefly_then_answers_429(start_proxy, fake, monkeypatch):
     monkeypatch.setattr(cmp, "QUEUE_LENGTH", 1)
     monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 30)
     fake.play("hold")
-    proxy = start_proxy(max_concurrency=1)
+    proxy = start_proxy(max_concurrency=1, spares=0)
     replies = []
     first = threading.Thread(target=lambda: replies.append(proxy.chat()))
     first.start()
-    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
+    assert wait_until(lambda: len(proxy.server.pool.running()) == 1)
     second = threading.Thread(target=lambda: replies.append(proxy.chat()))
     second.start()
     assert wait_until(lambda: proxy.call("GET", "/health").json()["queued"] == 1)
@@ -2019,13 +2081,14 @@ def test_queued_request_gives_up_with_429(start_proxy, fake, monkeypatch):
     fake.play("hold")
     proxy = start_proxy(max_concurrency=1)
     threading.Thread(target=proxy.chat, daemon=True).start()
-    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
+    assert wait_until(lambda: len(proxy.server.pool.running()) == 1)
     assert proxy.chat().status == 429
 
 
 def test_health(client):
     body = client.call("GET", "/health").json()
-    assert body == {"status": "ok", "claude_version": "2.1.329", "in_flight": 0, "queued": 0}
+    assert body == {"status": "ok", "claude_version": "2.1.329", "in_flight": 0, "queued": 0,
+                    "processes": {"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8}}
 
 
 def test_models(client):
@@ -2137,11 +2200,12 @@ def test_non_ascii_content_length_is_a_400(client):
     assert head == b"HTTP/1.1 400 Bad Request"
 
 
-def test_a_finished_turn_lets_the_cli_exit_by_itself_and_leaves_nothing(client, fake):
+def test_a_finished_turn_lets_the_cli_exit_by_itself_and_leaves_nothing(start_proxy, fake):
     before = set(Path(tempfile.gettempdir()).glob("claude-max-proxy-*"))
+    client = start_proxy(conversations=0, spares=0)  # nothing kept: the turn's CLI is stopped at its end
     assert client.chat().status == 200
     assert wait_until(lambda: {"eof": True} in [{k: v for k, v in e.items() if k != "pid"} for e in fake.log()])
-    assert wait_until(lambda: client.server.live_processes() == [])
+    assert wait_until(lambda: client.server.pool.counts()["running"] == 0)
     assert set(Path(tempfile.gettempdir()).glob("claude-max-proxy-*")) <= before
 
 
@@ -2157,11 +2221,11 @@ def test_a_request_queued_before_shutdown_starts_no_cli(start_proxy, fake, monke
     started = []
     monkeypatch.setattr(cmp, "ClaudeProcess", lambda *args: started.append(args) or ClaudeProcess(*args))
     fake.play("hold")
-    proxy = start_proxy(max_concurrency=1)
+    proxy = start_proxy(max_concurrency=1, spares=0)
     replies = []
     threads = [threading.Thread(target=lambda: replies.append(proxy.chat())) for _ in range(2)]
     threads[0].start()
-    assert wait_until(lambda: len(proxy.server.live_processes()) == 1)
+    assert wait_until(lambda: len(proxy.server.pool.running()) == 1)
     threads[1].start()
     assert wait_until(lambda: proxy.server.gate.waiting == 1)
     proxy.server.stopping.set()  # as drain_and_close() does first
@@ -2260,8 +2324,9 @@ def test_tools_reach_claude_as_the_client_defined_them(client, fake):
     assert "--tools=" in argv and "--permission-prompt-tool=stdio" in argv
 
 
-def test_tool_calls_come_back_in_openai_shape(client, fake):
+def test_tool_calls_come_back_in_openai_shape(start_proxy, fake):
     fake.play("tool_calls")
+    client = start_proxy(conversations=0)  # no turn is kept waiting for the results: the runs are refused
     body = client.chat(**TOOL_REQUEST).json()
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -2414,8 +2479,9 @@ def test_function_calls_in_a_response(client, fake, stream):
         ("call_1", "get_weather", ZURICH), ("call_2", "get_time", "{}")]
 
 
-def test_previous_response_id_supplies_the_conversation(client, fake):
+def test_previous_response_id_supplies_the_conversation(start_proxy, fake):
     fake.play("tool_calls")
+    client = start_proxy(conversations=0)  # the stored conversation is replayed into a new CLI
     tools = [dict(WEATHER["function"], type="function")]
     first = client.respond(tools=tools, instructions="Be brief.", input="Weather in Zürich?").json()
     call = first["output"][1]
@@ -2726,10 +2792,11 @@ def test_signals_stop_the_server_and_every_cli_child(upstream, real_cli, signum)
         conn.request("POST", "/v1/chat/completions", json.dumps(
             {"model": "sonnet", "messages": [USER], "stream": True}), {"Content-Type": "application/json"})
         assert upstream.posted.wait(10)
-        [child] = find_children(proxy.pid)
+        children = find_children(proxy.pid)  # the request's CLI, and maybe a spare started since
+        assert children
         proxy.send_signal(signum)
         assert proxy.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5) == 0
-        assert not pid_alive(child)
+        assert not any(pid_alive(child) for child in children)
         reply = conn.getresponse()
         assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "shutting_down"
     finally:
@@ -2887,7 +2954,9 @@ def test_real_responses_function_call_round_trip(real_client, upstream, stream):
     final = real_client.respond(tools=tools, previous_response_id=first["id"], input=[
         {"type": "function_call_output", "call_id": "call_01Rt", "output": "sunny"}]).json()
     assert final["output_text"] == "Sunny in Oslo."
+    # The CLI held Claude's call, and went on with the result: Claude's own id, not the client's.
     turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
-    assert turns[1]["content"] == [{"type": "tool_use", "id": "call_01Rt", "name": "get_weather",
+    assert turns[1]["content"] == [{"type": "tool_use", "id": "toolu_01Rt", "name": "get_weather",
                                     "input": {"city": "Oslo"}}]
-    assert turns[2]["content"] == [{"type": "tool_result", "tool_use_id": "call_01Rt", "content": texts("sunny")}]
+    assert [without_cache_marks(block) for block in turns[2]["content"]] == [
+        {"type": "tool_result", "tool_use_id": "toolu_01Rt", "content": texts("sunny")}]

@@ -1427,6 +1427,9 @@ def continuation(kept: Conversation, turns: Sequence[Turn], texts: Sequence[str]
 # Every CLI the proxy holds, spare, running or kept, within one budget (I/O).
 
 KEEPER_SECONDS = 1.0  # how often the pool looks for processes to retire or start
+# A spare starts once the requests that just began have had this long to start
+# their own turns, or have ended: a CLI starting takes half a second of a core.
+REFILL_DELAY_SECONDS = 0.5
 
 
 def binary_identity(claude: str) -> Optional[Tuple[int, int, int]]:
@@ -1445,10 +1448,19 @@ class Lease:
     served: str  # "cold", "warm" (a spare) or "continued"
     given: Continuation
     hold_calls: bool
+    put_back: Callable[[], None]  # the pool takes the CLI back, with its conversation if it can go on
+    handed_back: bool = False
 
     def run_turn(self, request: ChatRequest, timeout: float, client_gone: Callable[[], bool]) -> Iterator:
         return self.cli.run_turn(request, self.given.history, timeout, client_gone, self.given.results,
                                  self.hold_calls)
+
+    def hand_back(self):
+        """Give the CLI back once its turn has ended: before the client hears the end, so that the
+        client's next request, which may come at once, finds it."""
+        if not self.handed_back:
+            self.handed_back = True
+            self.put_back()
 
 
 class ProcessPool:
@@ -1474,6 +1486,7 @@ class ProcessPool:
         self._idle: "OrderedDict[ClaudeProcess, None]" = OrderedDict()  # least recently used first
         self._starting = self._closing = 0  # processes on their way in or out, counted in the budget
         self._wanted: List[Tuple[float, LaunchSettings]] = []  # (when, the launch of a new conversation)
+        self._refill_after = 0.0  # no spare starts before this time.monotonic()
         threading.Thread(target=self._keep, name="cli-pool", daemon=True).start()
 
     @contextmanager
@@ -1482,10 +1495,10 @@ class ProcessPool:
         lease = self._claim(request, tenant)
         try:
             yield lease
-        except BaseException:
-            self._retire(lease.cli)
+        except BaseException:  # the client may not have the whole answer
+            self._retire(lease.cli, lease.handed_back)
             raise
-        self._put_back(lease.cli, request, tenant)
+        lease.hand_back()
 
     def _claim(self, request: ChatRequest, tenant: str) -> Lease:
         turns = [*request.history, request.prompt]
@@ -1509,13 +1522,13 @@ class ProcessPool:
             else:
                 self._running.add(cli)
             self._closing += len(unusable)
-            self._lock.notify_all()  # the keeper replaces a spare, or learns the launch
+            self._refill_after = max(self._refill_after, time.monotonic() + REFILL_DELAY_SECONDS)
         self._stop(unusable)
         if cli is None:
             cli, served = self._start(launch, for_request=True), "cold"
         if served != "continued":
             cli.initialize(request.session)
-        return Lease(cli, served, given, hold_calls)
+        return Lease(cli, served, given, hold_calls, lambda: self._put_back(cli, request, tenant))
 
     def _kept_for(self, request: ChatRequest, tenant: str, turns, texts, labels) -> tuple:
         """The kept process the request goes on with, what it is given, and kept processes it leaves unusable."""
@@ -1527,8 +1540,8 @@ class ProcessPool:
             if kept is None or (kept.tenant, kept.session) != (tenant, session) or cli.launch_key not in launches:
                 continue
             goes_on = continuation(kept, turns, texts, labels)
-            if goes_on is None and kept.calls and tuple(texts[:len(kept.turns)]) == kept.turns:
-                unusable.append(cli)  # its calls were answered, in a way the CLI cannot take
+            if goes_on is None and kept.calls and tuple(texts[:len(kept.turns) - 1]) == kept.turns[:-1]:
+                unusable.append(cli)  # the client went on from before its calls, or answered them as it cannot take
             elif goes_on is not None and not cli.alive():
                 unusable.append(cli)
             elif goes_on is not None and (found is None or len(kept.turns) > len(found.conversation.turns)):
@@ -1598,7 +1611,7 @@ class ProcessPool:
                 self._idle[cli] = None
                 unusable = self._too_many_conversations()
             self._closing += len(unusable)
-            self._lock.notify_all()
+            self._turn_over()
         self._stop(unusable)
 
     def _too_many_conversations(self) -> List[ClaudeProcess]:
@@ -1608,11 +1621,23 @@ class ProcessPool:
             del self._idle[cli]
         return excess
 
-    def _retire(self, cli: ClaudeProcess):
+    def _retire(self, cli: ClaudeProcess, handed_back: bool):
         with self._lock:
-            self._running.discard(cli)
+            if not handed_back:
+                self._running.discard(cli)
+            elif cli in self._idle:
+                del self._idle[cli]
+            else:
+                return  # stopped already, or its conversation's next request has it
             self._closing += 1
+            self._turn_over()
         self._stop([cli])
+
+    def _turn_over(self):
+        """A request's turn ended: with none under way, spares may start at once."""
+        if not self._running:
+            self._refill_after = 0.0
+        self._lock.notify_all()
 
     def _stop(self, processes: Sequence[ClaudeProcess]):
         """Stop processes taken out of the pool (and counted in _closing meanwhile)."""
@@ -1626,12 +1651,12 @@ class ProcessPool:
         """The keeper thread: retire what waited too long, died or went stale; start the spares wanted."""
         while True:
             with self._lock:
-                self._lock.wait(KEEPER_SECONDS)
+                self._lock.wait(min(max(self._refill_after - time.monotonic(), 0.01), KEEPER_SECONDS))
                 if self.stopping.is_set():
                     return
                 unusable = self._expired()
                 self._closing += len(unusable)
-                wanted = self._missing_spares()
+                wanted = self._missing_spares() if time.monotonic() >= self._refill_after else []
                 self._starting += len(wanted)
             self._stop(unusable)
             for launch in wanted:
@@ -2735,6 +2760,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not request.stream:
                 body = self.reply.whole(turn_end(events))
                 at_end()
+                lease.hand_back()
                 return self.send_json(200, body)
             for event in events:
                 if not self.sse_started:  # only now: a failure before this still gets its HTTP status
@@ -2746,6 +2772,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 frames = self.reply.feed(event)
                 if isinstance(event, TurnEnd):
                     at_end()
+                    lease.hand_back()
                 self.write_frames(frames)
                 if isinstance(event, TurnEnd):
                     self.end_sse()  # now: stopping the CLI can take a moment more

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -772,7 +773,7 @@ ERRORS = {  # as in fixtures/errors/*.stdout.jsonl and 50, 56
     "server_error": ("API Error: 500 Internal server error.", "server_error", 500),
 }
 
-log({"argv": sys.argv[1:]})
+log({"argv": sys.argv[1:], "max_tokens": os.environ.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS")})
 if "--permission-prompt-tool=stdio" in sys.argv:  # as the real CLI, it asks for its tools at its start
     connect_tool_server()
 while True:
@@ -2532,6 +2533,294 @@ def test_a_response_that_fails_mid_stream_ends_with_response_failed(client, fake
     assert reply.status == 200
     assert [name for name, _ in events][-2:] == ["response.output_text.delta", "response.failed"]
     assert events[-1][1]["response"]["error"]["type"] == "upstream_stream_restarted"
+
+
+# Warm spares and live conversations, with the fake `claude`.
+
+Q1, Q2 = {"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}
+A1 = {"role": "assistant", "content": "Hello world"}  # what the `text` scenario answers
+
+
+def processes(client) -> dict:
+    return client.call("GET", "/health").json()["processes"]
+
+
+def served(caplog, count) -> list:
+    """How each of the first `count` requests got its CLI, once all are logged (just after each reply)."""
+    def logged():
+        return [re.search(r"served=(\S+)", r.getMessage())[1] for r in caplog.records
+                if "served=" in r.getMessage() and "/health" not in r.getMessage()]
+    assert wait_until(lambda: len(logged()) >= count), logged()
+    return logged()[:count]
+
+
+def pids(fake) -> list:
+    """Each fake CLI that has started, in the order they started."""
+    return list(dict.fromkeys(entry["pid"] for entry in fake.log()))
+
+
+def started(fake, count) -> list:
+    """The pids of the first `count` fake CLIs, once that many have started."""
+    assert wait_until(lambda: len(pids(fake)) >= count), pids(fake)
+    return pids(fake)[:count]
+
+
+def prompts_of(fake, pid) -> list:
+    """The user and assistant lines one CLI got, as (type, shouldQuery, texts)."""
+    return [(line["type"], line.get("shouldQuery"),
+             [block.get("text") for block in line["message"]["content"] if isinstance(block, dict)])
+            for entry in fake.log() if entry["pid"] == pid and "stdin" in entry
+            for line in [entry["stdin"]] if line["type"] in ("user", "assistant")]
+
+
+def spare_with(fake, max_tokens) -> int:
+    """The fake CLI started with this max_tokens that has had no request yet, once there is one."""
+    def find():
+        return [entry["pid"] for entry in fake.log() if "argv" in entry and entry["max_tokens"] == max_tokens
+                and not prompts_of(fake, entry["pid"]) and pid_alive(entry["pid"])]
+    assert wait_until(find)
+    return find()[0]
+
+
+@pytest.fixture
+def pooled(start_proxy, caplog):
+    caplog.set_level("INFO", logger="claude-max-proxy")
+    return start_proxy
+
+
+def test_a_new_conversation_is_served_by_a_spare_started_for_its_launch_settings(pooled, fake, caplog):
+    client = pooled()
+    assert client.chat(messages=[Q1], max_tokens=50).status == 200
+    spare = spare_with(fake, "50")
+    assert client.chat(messages=[Q2], max_tokens=50).status == 200
+    assert prompts_of(fake, spare) == [("user", None, ["Q2"])]  # the spare, started before Q2 came
+    replaced = spare_with(fake, "50")
+    assert client.chat(messages=[Q2], max_tokens=60).status == 200  # other settings: no spare fits
+    assert served(caplog, 3) == ["cold", "warm", "cold"]
+    # The spare follows the newest settings.
+    assert wait_until(lambda: not pid_alive(replaced))
+    newer = spare_with(fake, "60")
+    assert client.chat(messages=[Q2], max_tokens=60).status == 200
+    assert prompts_of(fake, newer) == [("user", None, ["Q2"])] and served(caplog, 4)[-1] == "warm"
+
+
+def test_idle_spares_retire_after_the_spare_timeout(pooled, fake):
+    client = pooled(spare_timeout=0.5)
+    assert client.chat().status == 200
+    spare = started(fake, 2)[1]
+    assert processes(client)["spare"] == 1
+    assert wait_until(lambda: processes(client)["spare"] == 0 and not pid_alive(spare))
+
+
+def test_a_dead_spare_is_never_handed_out_and_is_replaced(pooled, fake):
+    client = pooled(conversations=0)
+    assert client.chat().status == 200
+    dead = started(fake, 2)[1]
+    os.kill(dead, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(dead))
+    assert client.chat(messages=[Q2]).status == 200
+    assert prompts_of(fake, dead) == []
+    assert spare_with(fake, None) != dead and wait_until(lambda: processes(client)["spare"] == 1)
+
+
+def test_a_spare_started_from_a_cli_since_replaced_is_never_handed_out(pooled, fake, tmp_path, caplog):
+    claude = tmp_path / "claude"
+    shutil.copy(fake.path, claude)
+    client = pooled(claude=str(claude), conversations=0)
+    assert client.chat().status == 200
+    stale = started(fake, 2)[1]
+    claude.write_text(claude.read_text() + "\n# a new release\n")  # an upgrade of the CLI
+    assert client.chat(messages=[Q2]).status == 200
+    assert prompts_of(fake, stale) == [] and served(caplog, 2) == ["cold", "cold"]
+    assert wait_until(lambda: not pid_alive(stale))
+
+
+def test_a_conversation_goes_on_in_the_cli_that_answered_it(pooled, fake, caplog):
+    client = pooled()
+    assert client.chat(messages=[Q1]).status == 200
+    assert processes(client)["live"] == 1
+    assert client.chat(messages=[Q1, A1, Q2]).status == 200
+    [first] = [pid for pid in pids(fake) if prompts_of(fake, pid)]
+    assert prompts_of(fake, first) == [("user", None, ["Q1"]), ("user", None, ["Q2"])]  # no replay
+    assert served(caplog, 2) == ["cold", "continued"]
+    # What a client adds besides its next message is seeded, as into a new CLI.
+    fake.play("echo")
+    assert client.chat(messages=[Q1, A1, Q2, A1, {"role": "user", "content": "Q3"},
+                                 {"role": "assistant", "content": "A3"}, {"role": "user", "content": "Q4"}]).status == 200
+    assert prompts_of(fake, first)[2:] == [("user", False, ["Q3"]), ("assistant", None, ["A3"]),
+                                           ("user", None, ["Q4"])]
+
+
+@pytest.mark.parametrize("history", [
+    [Q1, {"role": "assistant", "content": "Hello there"}, Q2],                       # an edited answer
+    [{"role": "user", "content": "Q0"}, Q1, A1, Q2],                                  # an edited question
+    [{"role": "system", "content": "Be brief."}, Q1, A1, Q2],                         # another system prompt
+    [Q1],                                                                             # asked again
+])
+def test_a_conversation_told_differently_starts_afresh(pooled, fake, caplog, history):
+    client = pooled(spares=0)
+    assert client.chat(messages=[Q1]).status == 200
+    assert client.chat(messages=history).status == 200
+    assert served(caplog, 2) == ["cold", "cold"]
+    assert len([pid for pid in pids(fake) if prompts_of(fake, pid)]) == 2
+
+
+def test_a_conversation_goes_on_only_with_the_same_api_key(pooled, fake, caplog):
+    client = pooled(spares=0)
+    alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+    assert client.chat(messages=[Q1], headers=alice).status == 200
+    assert client.chat(messages=[Q1, A1, Q2], headers=bob).status == 200
+    assert client.chat(messages=[Q1, A1, Q2]).status == 200  # no key is a key of its own
+    assert client.chat(messages=[Q1, A1, Q2], headers=alice).status == 200
+    assert served(caplog, 4) == ["cold", "cold", "cold", "continued"]
+
+
+@pytest.mark.parametrize("scenario, fields", [("stop", {"stop": ["STOP"]}), ("max_tokens", {"max_tokens": 3})])
+def test_a_turn_the_cli_saw_differently_is_not_kept(pooled, fake, scenario, fields):
+    fake.play(scenario)
+    client = pooled(spares=0)
+    assert client.chat(messages=[Q1], **fields).status == 200
+    first = pids(fake)[0]
+    assert wait_until(lambda: not pid_alive(first))
+    assert processes(client)["live"] == 0
+
+
+def test_a_client_that_leaves_does_not_leave_its_conversation_behind(pooled, fake):
+    fake.play("stop")  # it streams "one two STOP", then waits
+    client = pooled(spares=0)
+    conn, reply = client.post_streaming("/v1/chat/completions", {"messages": [Q1]})
+    assert any(b'"one ' in reply.readline() for _ in range(4))  # the role chunk, then "one "
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert wait_until(lambda: not pid_alive(pids(fake)[0]))
+    assert processes(client) == {"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8}
+
+
+TOOL_CALLS = [{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": ZURICH}},
+              {"id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+
+
+def tool_follow_up(calls=TOOL_CALLS, results=("sunny", "noon")) -> list:
+    return [*TOOL_REQUEST["messages"], {"role": "assistant", "content": "Let me check.", "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": call["id"], "content": result} for call, result in zip(calls, results))]
+
+
+def ran(fake) -> list:
+    """The calls the fake CLI ran through the tool server, and the results it got."""
+    return [(entry["ran"], entry["content"]) for entry in fake.log() if "ran" in entry]
+
+
+def test_a_tool_step_goes_on_in_the_cli_that_holds_the_calls(pooled, fake, caplog):
+    fake.play("tool_calls")
+    client = pooled()
+    first = client.chat(**TOOL_REQUEST).json()
+    assert first["choices"][0]["message"]["tool_calls"] == TOOL_CALLS
+    assert processes(client)["held"] == 1
+    assert replies_to(fake, "perm-") == []  # the runs wait: neither refused nor allowed yet
+    final = client.chat(tools=TOOL_REQUEST["tools"], messages=tool_follow_up()).json()
+    assert final["choices"][0]["message"]["content"] == "Sunny at noon."
+    assert ran(fake) == [("toolu_1", texts("sunny")), ("toolu_2", texts("noon"))]  # each parallel call, in turn
+    assert (final["usage"]["prompt_tokens"], final["usage"]["completion_tokens"]) == (20, 5)  # this step's own
+    assert served(caplog, 2) == ["cold", "continued"]
+    assert processes(client) == {"running": 0, "live": 1, "held": 0, "spare": 1, "limit": 8}
+
+
+def test_a_tool_step_goes_on_whatever_the_client_renamed_its_call_ids(pooled, fake, caplog):
+    fake.play("tool_calls")
+    client = pooled()
+    assert client.chat(**TOOL_REQUEST).status == 200
+    renamed = [dict(call, id=call["id"].replace("_", "")) for call in TOOL_CALLS]  # as OpenClaw does
+    final = client.chat(tools=TOOL_REQUEST["tools"], messages=tool_follow_up(renamed)).json()
+    assert final["choices"][0]["message"]["content"] == "Sunny at noon."
+    assert served(caplog, 2) == ["cold", "continued"]
+
+
+@pytest.mark.parametrize("messages", [
+    tool_follow_up(results=("sunny", "")),                                          # an empty result
+    tool_follow_up(results=("sunny", "x" * (cmp.MAX_RESULT_CHARS + 1))),           # a result too long to pass whole
+    [*tool_follow_up(), {"role": "user", "content": "And tomorrow?"}],              # text after the results
+    tool_follow_up(calls=[dict(TOOL_CALLS[0], function={"name": "get_weather", "arguments": '{"city": "Rome"}'}),
+                          TOOL_CALLS[1]]),                                          # another call than Claude's
+])
+def test_a_tool_step_the_held_cli_cannot_take_is_replayed_and_the_cli_ended(pooled, fake, caplog, messages):
+    fake.play("tool_calls")
+    client = pooled(spares=0)
+    assert client.chat(**TOOL_REQUEST).status == 200
+    held = pids(fake)[0]
+    fake.play("text")
+    assert client.chat(tools=TOOL_REQUEST["tools"], messages=messages).json()["choices"][0]["message"]["content"] \
+        == "Hello world"
+    assert served(caplog, 2) == ["cold", "cold"] and ran(fake) == []
+    assert wait_until(lambda: not pid_alive(held))
+
+
+def test_a_held_call_whose_results_never_come_is_released(pooled, fake):
+    fake.play("tool_calls")
+    client = pooled(conversation_timeout=0.5)
+    assert client.chat(**TOOL_REQUEST).status == 200
+    held = pids(fake)[0]
+    assert processes(client)["held"] == 1
+    assert wait_until(lambda: processes(client)["held"] == 0 and not pid_alive(held))
+
+
+def test_an_agent_loop_runs_in_one_cli(pooled, fake, caplog):
+    fake.play("tool_loop 3")
+    client = pooled(spares=0)
+    messages = [{"role": "user", "content": "Weather in Oslo, thrice?"}]
+    tools = [WEATHER]
+    for step in range(4):
+        message = client.chat(tools=tools, messages=messages).json()["choices"][0]["message"]
+        messages.append({key: value for key, value in message.items() if value is not None and key != "refusal"})
+        for call in message.get("tool_calls") or []:
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": f"sunny {step}"})
+    assert messages[-1]["content"] == "Done."
+    assert ran(fake) == [(f"toolu_s{step}", texts(f"sunny {step}")) for step in range(3)]
+    assert served(caplog, 4) == ["cold", "continued", "continued", "continued"] and len(pids(fake)) == 1
+
+
+def test_conversations_beyond_the_limit_end_least_recently_used_first(pooled, fake, caplog):
+    client = pooled(spares=0, conversations=2)
+    for question in ("A", "B", "C"):
+        assert client.chat(messages=[{"role": "user", "content": question}]).status == 200
+    first, second, third = pids(fake)
+    assert wait_until(lambda: not pid_alive(first))
+    assert pid_alive(second) and pid_alive(third) and processes(client)["live"] == 2
+    assert client.chat(messages=[{"role": "user", "content": "B"}, A1, Q2]).status == 200
+    assert served(caplog, 4)[-1] == "continued"
+
+
+def test_every_cli_process_counts_against_one_budget(pooled, fake):
+    client = pooled(max_concurrency=1, max_processes=2, conversations=4)
+    most = 0
+    for question in "ABCDE":
+        assert client.chat(messages=[{"role": "user", "content": question}]).status == 200
+        assert wait_until(lambda: processes(client)["spare"] + processes(client)["live"] == 2)
+        most = max(most, sum(pid_alive(pid) for pid in pids(fake)))
+    assert most == 2
+    assert processes(client)["limit"] == 2
+
+
+def test_a_responses_conversation_goes_on_by_previous_response_id_or_by_its_whole_input(pooled, fake, caplog):
+    client = pooled(spares=0)
+    first = client.respond(input="Q1").json()
+    by_id = client.respond(previous_response_id=first["id"], input="Q2").json()
+    assert by_id["output_text"] == "Hello world"
+    whole = [{"role": "user", "content": "Q1"}, {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Hello world"}]}, {"role": "user", "content": "Q2"},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello world"}]},
+             {"role": "user", "content": "Q3"}]
+    assert client.respond(input=whole, store=False).json()["output_text"] == "Hello world"  # as Codex sends it
+    assert served(caplog, 3) == ["cold", "continued", "continued"] and len(pids(fake)) == 1
+
+
+def test_shutdown_stops_every_spare_and_kept_cli(start_proxy, fake, servers):
+    client = start_proxy()
+    assert client.chat().status == 200
+    assert wait_until(lambda: processes(client)["spare"] == 1 and processes(client)["live"] == 1)
+    alive = pids(fake)
+    client.server.shutdown()
+    client.server.drain_and_close()
+    assert not any(pid_alive(pid) for pid in alive)
 
 
 # ── 8b. Integration: the real CLI against the fake Anthropic API ────────────

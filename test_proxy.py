@@ -84,17 +84,25 @@ def answer(text="Hello from fake upstream.", pieces=None, thinking=None, stop_re
     return respond
 
 
-def tool_use(*calls, text=None, pause=0.0):
-    """Claude calling tools: each call is (id, name, input). `pause` seconds pass between
-    calls, as with a model still writing the next one."""
+def tool_use(*calls, text=None, pause=0.0, thinking=None):
+    """Claude calling tools: each call is (id, name, input), after `thinking` and `text` if
+    given. `pause` seconds pass between calls, as with a model still writing the next one."""
     def respond(handler, body, ending=True):
         handler.start_stream()
         handler.event({"type": "message_start", "message": {
             "id": "msg_tools", "type": "message", "role": "assistant", "model": body["model"], "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
-        blocks = ([("text", text)] if text else []) + [("tool_use", call) for call in calls]
+        blocks = ([("thinking", thinking)] if thinking else []) + ([("text", text)] if text else []) + \
+            [("tool_use", call) for call in calls]
         for index, (kind, value) in enumerate(blocks):
-            if kind == "text":
+            if kind == "thinking":
+                handler.event({"type": "content_block_start", "index": index,
+                               "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+                handler.event({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "thinking_delta", "thinking": value}})
+                handler.event({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "signature_delta", "signature": "c2lnbmVk"}})
+            elif kind == "text":
                 handler.event({"type": "content_block_start", "index": index,
                                "content_block": {"type": "text", "text": ""}})
                 handler.event({"type": "content_block_delta", "index": index,
@@ -3163,6 +3171,61 @@ def test_real_tool_round_trip(real_client, upstream, stream):
         ("toolu_1", "get_weather", {"city": "Zürich"}), ("toolu_2", "get_time", {})]
     assert [(b["tool_use_id"], b["content"]) for b in turns[2]["content"] if b["type"] == "tool_result"] == [
         ("toolu_1", texts("sunny")), ("toolu_2", texts("noon"))]
+
+
+def as_replayed(messages: list) -> list:
+    """The user and assistant turns the upstream got, as a fresh CLI sends them: the CLI's own
+    system notes, thinking and prompt-cache marks aside (where it puts them differs)."""
+    turns = []
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        turns.append((message["role"], [without_cache_marks(block) for block in blocks
+                                        if block["type"] not in ("thinking", "redacted_thinking")]))
+    return turns
+
+
+def session_of(post: dict) -> str:
+    """The CLI session that made an upstream call: one per CLI process."""
+    return post["headers"]["x-claude-code-session-id"]
+
+
+def test_real_a_continued_chat_reaches_upstream_as_a_replay_would(start_real_proxy, upstream):
+    upstream.default = answer("Paris.")
+    turns = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And of Italy?"}]
+    for proxy in (start_real_proxy(), start_real_proxy(conversations=0, spares=0)):  # continued, then replayed
+        assert proxy.chat(messages=turns[:1]).status == 200
+        assert proxy.chat(messages=turns).json()["choices"][0]["message"]["content"] == "Paris."
+    continued, replayed = upstream.posts[1], upstream.posts[3]
+    assert as_replayed(continued["body"]["messages"]) == as_replayed(replayed["body"]["messages"])
+    assert [role for role, _ in as_replayed(continued["body"]["messages"])] == ["user", "assistant", "user"]
+    assert session_of(upstream.posts[0]) == session_of(continued)  # the same CLI, given only the new question
+    assert session_of(upstream.posts[2]) != session_of(replayed)
+
+
+def test_real_a_continued_tool_step_reaches_upstream_as_a_replay_would_with_its_thinking(start_real_proxy,
+                                                                                       upstream):
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    for proxy in (start_real_proxy(), start_real_proxy(conversations=0, spares=0)):  # continued, then replayed
+        upstream.script = [tool_use(("toolu_o1", "get_weather", {"city": "Oslo"}), thinking="I should look.")]
+        upstream.default = answer("Sunny in Oslo.")
+        message = proxy.chat(tools=[WEATHER], messages=question).json()["choices"][0]["message"]
+        follow_up = [*question, message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"],
+                                          "content": "sunny"}]
+        assert proxy.chat(tools=[WEATHER], messages=follow_up).json()["choices"][0]["message"]["content"] \
+            == "Sunny in Oslo."
+    continued, replayed = upstream.posts[1], upstream.posts[3]
+    assert as_replayed(continued["body"]["messages"]) == as_replayed(replayed["body"]["messages"])
+    assert as_replayed(continued["body"]["messages"])[2] == ("user", [
+        {"type": "tool_result", "tool_use_id": "toolu_o1", "content": texts("sunny")}])
+    assert session_of(upstream.posts[0]) == session_of(continued)
+    # The live step keeps Claude's thinking, and thinking on; a replay has lost it, and turns it off.
+    [assistant] = [m for m in continued["body"]["messages"] if m["role"] == "assistant"]
+    assert assistant["content"][0] == {"type": "thinking", "thinking": "I should look.", "signature": "c2lnbmVk"}
+    assert "thinking" in continued["body"] and "thinking" not in replayed["body"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

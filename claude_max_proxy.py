@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import closing, contextmanager
 from dataclasses import asdict, astuple, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -931,7 +931,10 @@ CLI_FLAGS = ("-p", "--input-format=stream-json", "--output-format=stream-json", 
 BILLING_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 EXIT_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.25                # how often a running turn checks its client
-KEEPALIVE_SECONDS = 10             # silence before the turn reports it (a `: keep-alive` comment)
+# After each read of the CLI's output, the reader waits this long for more: a
+# stream of deltas then costs the proxy a wake-up per millisecond, not one per
+# delta, which on a laptop's two cores took a third of the CLI's own CPU.
+READ_PAUSE_SECONDS = 0.001
 # The client's functions reach Claude as tools of an MCP server that lives in
 # this process and speaks over the control channel (PROTOCOL.md §8.3). The CLI
 # asks us before any of them runs (§8.4): we refuse, or run it with the result
@@ -1104,7 +1107,8 @@ class ClaudeProcess:
         # stderr goes to a file, not a PIPE: nobody drains a PIPE while we read
         # stdout, and a child that fills one with warnings blocks forever.
         self._stderr = tempfile.TemporaryFile()
-        self._lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._lines: "queue.Queue[Optional[List[bytes]]]" = queue.Queue()  # batches of stdout lines
+        self._batch: "deque[bytes]" = deque()  # the lines of the batch being read
         # Writes go through a thread: a child that stops reading must not block
         # the request thread, which watches the deadline and the client.
         self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
@@ -1139,9 +1143,20 @@ class ClaudeProcess:
         return self.popen.poll() is None
 
     def _read_stdout(self):
+        # What the CLI has written goes over at once: a burst of deltas is
+        # passed on, and then sent to the client, as one batch, not line by line.
+        # Each batch is put on the queue as soon as it is read: the pause only
+        # lets the next one gather.
+        partial = b""
         with self.popen.stdout:  # closed here: another thread closing it could block on its lock
-            for raw in self.popen.stdout:
-                self._lines.put(raw)
+            for data in iter(lambda: self.popen.stdout.read1(1 << 16), b""):
+                lines = (partial + data).split(b"\n")
+                partial = lines.pop()
+                if lines:
+                    self._lines.put(lines)
+                time.sleep(READ_PAUSE_SECONDS)
+        if partial:
+            self._lines.put([partial])
         self._lines.put(None)
 
     def _write_stdin(self):
@@ -1169,14 +1184,21 @@ class ClaudeProcess:
                 return event
             self._answer(event.get("request_id"), event.get("request") or {})
 
+    def has_output(self) -> bool:
+        """Whether the CLI has written lines not read yet."""
+        return bool(self._batch) or not self._lines.empty()
+
     def _read_event(self, timeout: float) -> Optional[dict]:
-        try:
-            raw = self._lines.get(timeout=max(timeout, 0))
-        except queue.Empty:
-            return None
-        if raw is None:
-            self._lines.put(None)  # every later call sees the exit too
-            raise self._exit_error()
+        if not self._batch:
+            try:
+                lines = self._lines.get(timeout=max(timeout, 0))
+            except queue.Empty:
+                return None
+            if lines is None:
+                self._lines.put(None)  # every later call sees the exit too
+                raise self._exit_error()
+            self._batch.extend(lines)
+        raw = self._batch.popleft()
         try:
             event = json.loads(raw)
         except ValueError:
@@ -1270,9 +1292,10 @@ class ClaudeProcess:
         and the request's prompt; or, when it holds Claude's calls, their
         `results` (by Claude's tool_use id). With `hold_calls`, a turn that
         ends in calls to the client's functions waits for their results in the
-        CLI. Yields TextDelta and ToolCallDelta as they come, None after each
-        stretch of silence, and last TurnEnd. Raises ApiError, or ClientGone
-        once client_gone() says the client left.
+        CLI. Yields TextDelta and ToolCallDelta as they come, None whenever
+        the CLI has nothing more for now (and every POLL_SECONDS while it is
+        silent), and last TurnEnd. Raises ApiError, or ClientGone once
+        client_gone() says the client left.
         """
         deadline = time.monotonic() + timeout
         self.state = "spoiled"  # until the turn ends as the client sees it
@@ -1284,7 +1307,7 @@ class ClaudeProcess:
             request.stop, live=request.stream, tools=[tool.name for tool in request.session.tools],
             one_tool_call=request.one_tool_call, structured=request.session.output_schema is not None,
             hold_calls=hold_calls, counted=self.counted)
-        quiet_since = checked = time.monotonic()
+        checked = time.monotonic()
         interrupted = False
         while True:
             now = time.monotonic()
@@ -1294,14 +1317,12 @@ class ClaudeProcess:
                 checked = now
                 if client_gone():
                     raise ClientGone()
-            if now - quiet_since >= KEEPALIVE_SECONDS:
-                quiet_since = now
-                yield None
+            if not self.has_output():
+                yield None  # the caller may send what it holds: nothing more is here yet
             event = self.next_event(min(POLL_SECONDS, deadline - now))
             if event is None:
                 continue
             for out in translator.feed(event):
-                quiet_since = time.monotonic()
                 if isinstance(out, TurnEnd):
                     self._ended(out, translator.cli_state)
                 yield out
@@ -1448,8 +1469,9 @@ class Lease:
     served: str  # "cold", "warm" (a spare) or "continued"
     given: Continuation
     hold_calls: bool
-    put_back: Callable[[], None]  # the pool takes the CLI back, with its conversation if it can go on
+    put_back: Callable[[], List["ClaudeProcess"]]  # the pool takes the CLI back; what it must stop
     handed_back: bool = False
+    to_stop: List["ClaudeProcess"] = field(default_factory=list)  # once the client has its answer
 
     def run_turn(self, request: ChatRequest, timeout: float, client_gone: Callable[[], bool]) -> Iterator:
         return self.cli.run_turn(request, self.given.history, timeout, client_gone, self.given.results,
@@ -1460,7 +1482,7 @@ class Lease:
         client's next request, which may come at once, finds it."""
         if not self.handed_back:
             self.handed_back = True
-            self.put_back()
+            self.to_stop = self.put_back()
 
 
 class ProcessPool:
@@ -1495,10 +1517,12 @@ class ProcessPool:
         lease = self._claim(request, tenant)
         try:
             yield lease
+            lease.hand_back()
         except BaseException:  # the client may not have the whole answer
             self._retire(lease.cli, lease.handed_back)
             raise
-        lease.hand_back()
+        finally:
+            self._stop(lease.to_stop)  # what the pool no longer keeps, now that the answer is out
 
     def _claim(self, request: ChatRequest, tenant: str) -> Lease:
         turns = [*request.history, request.prompt]
@@ -1597,8 +1621,8 @@ class ProcessPool:
             return None
         return cli
 
-    def _put_back(self, cli: ClaudeProcess, request: ChatRequest, tenant: str):
-        """After a turn the client saw whole: keep its conversation, or stop it."""
+    def _put_back(self, cli: ClaudeProcess, request: ChatRequest, tenant: str) -> List[ClaudeProcess]:
+        """After a turn the client saw whole: keep its conversation; return what is to be stopped."""
         kept = None
         if self.config.conversations and cli.state in ("idle", "holding") and cli.alive():
             kept = conversation_of(request, cli.turn_end, tenant, holding=cli.state == "holding")
@@ -1612,7 +1636,7 @@ class ProcessPool:
                 unusable = self._too_many_conversations()
             self._closing += len(unusable)
             self._turn_over()
-        self._stop(unusable)
+        return unusable
 
     def _too_many_conversations(self) -> List[ClaudeProcess]:
         kept = [cli for cli in self._idle if cli.conversation is not None]  # least recently used first
@@ -2389,6 +2413,7 @@ QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot
 QUEUE_WAIT_SECONDS = 10
 BUSY_RETRY_SECONDS = 5
 SHUTDOWN_GRACE_SECONDS = 5
+KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
@@ -2582,6 +2607,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Reset the per-request state: one connection carries many requests."""
         self.started = time.monotonic()
         self.sse_started = self.body_read = False
+        self.unsent: List[bytes] = []  # SSE frames made and not yet sent
+        self.last_sent = self.started
         self.body_length = 0
         self.reply: Union[Reply, ResponseBuilder, None] = None  # the answer being written
         self.log_model = "-"
@@ -2763,17 +2790,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 lease.hand_back()
                 return self.send_json(200, body)
             for event in events:
-                if not self.sse_started:  # only now: a failure before this still gets its HTTP status
-                    self.start_sse()
-                    self.write_frames(self.reply.start())
-                if event is None:
-                    self.write_chunk(b": keep-alive\n\n")
+                if event is None:  # the CLI has nothing more for now
+                    if not self.unsent and time.monotonic() - self.last_sent >= KEEPALIVE_SECONDS:
+                        self.begin_stream()  # clients and proxies must not time out while Claude is silent
+                        self.unsent.append(b": keep-alive\n\n")
+                    self.send_unsent()
                     continue
+                self.begin_stream()
                 frames = self.reply.feed(event)
                 if isinstance(event, TurnEnd):
                     at_end()
                     lease.hand_back()
-                self.write_frames(frames)
+                self.unsent += map(self.reply.sse, frames)
                 if isinstance(event, TurnEnd):
                     self.end_sse()  # now: stopping the CLI can take a moment more
 
@@ -2809,7 +2837,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.sse_started:  # the status line is gone: OpenAI clients read an error frame
             self.status = err.status
             try:
-                self.write_frames(self.reply.fail(err))
+                self.unsent += map(self.reply.sse, self.reply.fail(err))
                 self.end_sse()
             except ClientGone:
                 self.close_connection = True
@@ -2845,18 +2873,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         ("Access-Control-Allow-Headers", allowed), ("Access-Control-Max-Age", "600")]
         self.send_head(204, [*headers, ("Content-Length", "0")])
 
-    def start_sse(self):
-        self.sse_started = True
-        self.send_head(200, [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
-                             ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no")])
+    def begin_stream(self):
+        """Send the status line and headers, once: only when there is something to stream, so a
+        failure before it still gets its HTTP status."""
+        if not self.sse_started:
+            self.sse_started = True
+            self.send_head(200, [("Content-Type", "text/event-stream; charset=utf-8"),
+                                 ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
+                                 ("X-Accel-Buffering", "no")])
+            self.unsent += map(self.reply.sse, self.reply.start())
 
-    def write_frames(self, frames: List[dict]):
-        for frame in frames:
-            self.write_chunk(self.reply.sse(frame))
+    def send_unsent(self):
+        """Send the frames made so far in one chunk: a burst of deltas costs one write, not one each."""
+        if self.unsent:
+            self.write_chunk(b"".join(self.unsent))
+            self.unsent.clear()
+            self.last_sent = time.monotonic()
 
     def end_sse(self):
         if self.reply.stream_end:
-            self.write_chunk(self.reply.stream_end)
+            self.unsent.append(self.reply.stream_end)
+        self.send_unsent()
         self.write_chunk(b"")  # the zero-length chunk ends the chunked body
 
     def write_chunk(self, data: bytes):

@@ -1,12 +1,16 @@
-"""Time to first token: a streamed request through the proxy, next to the bare CLI.
+"""The proxy's speed, CPU and memory, next to the bare CLI, printed as one table.
 
-Both run the real CLI against the same fake Anthropic API on 127.0.0.1, which
-answers at once, so the figures are the overhead of the CLI and of the proxy.
+Everything runs the real CLI against one fake Anthropic API on 127.0.0.1 that
+answers at once, so the figures are the cost of the CLI and of the proxy. The
+proxy runs as users run it (`python3 claude_max_proxy.py`), once per setting.
+This machine is shared and noisy: every timing is interleaved with the bare
+CLI's in the same run and given as a ratio to it, with medians and p90.
 Run with `make bench`.
 """
 import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,74 +24,396 @@ sys.path.insert(0, str(HERE))
 import claude_max_proxy as cmp  # noqa: E402
 import test_proxy  # noqa: E402  (the fake Anthropic API)
 
-RUNS = 15
+RUNS = 15       # of each first-token timing
+LOOPS = 5       # 10-step tool loops, each way
+LOOP_STEPS = 10
+WORDS = 3000    # in the stream whose relay is timed
+FIRST_WORD, LAST_WORD = b'"word0 "', f'"word{WORDS - 1} "'.encode()  # each word comes as a delta of its own
+CPU_REQUESTS = 8
+CONCURRENT = 8
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def bare_cli_ttft(claude: str) -> float:
-    """Spawn the CLI as the proxy does, send one prompt, wait for the first text delta."""
-    settings = cmp.LaunchSettings(model="sonnet")
-    with tempfile.TemporaryDirectory() as workdir:
-        started = time.perf_counter()
-        child = subprocess.Popen(cmp.build_cli_argv(claude, settings), stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir,
-                                 env=cmp.build_cli_env(os.environ, cmp.Config(), settings))
-        child.stdin.write(cmp.control_line("init", "initialize", systemPrompt=""))
-        child.stdin.write(cmp.user_line(cmp.Turn("user", [{"type": "text", "text": "hi"}])))
-        child.stdin.flush()
-        for raw in child.stdout:
-            event = json.loads(raw)
-            if event.get("type") == "stream_event" and \
-                    event["event"].get("delta", {}).get("type") == "text_delta":
-                elapsed = time.perf_counter() - started
-                break
-        child.stdin.close()
-        child.wait()
-    return elapsed
+# ── the bare CLI, started as the proxy starts it ──
 
-
-def proxy_ttft(port: int) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def bare_cli(claude: str, workdir: str) -> float:
+    """Spawn the CLI as the proxy does and ask one question: seconds to its first text delta."""
     started = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(
-        {"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
-        {"Content-Type": "application/json"})
-    reply = conn.getresponse()
-    for line in iter(reply.readline, b""):
-        if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-            elapsed = time.perf_counter() - started
+    child = start_cli(claude, workdir)
+    for raw in child.stdout:
+        event = json.loads(raw)
+        if event.get("type") == "control_request":
+            answer_tool_server(child, event)
+        elif event.get("type") == "stream_event" and event["event"].get("delta", {}).get("type") == "text_delta":
             break
-    reply.read()
-    conn.close()
+    elapsed = time.perf_counter() - started
+    child.stdin.close()
+    child.wait()
     return elapsed
 
 
-def describe(name: str, seconds: list) -> str:
-    ms = sorted(s * 1000 for s in seconds)
-    return (f"{name:<28} median {statistics.median(ms):6.0f} ms   min {ms[0]:6.0f} ms   "
-            f"p90 {ms[int(len(ms) * 0.9) - 1]:6.0f} ms   ({len(ms)} runs)")
+def bare_relay(claude: str, workdir: str) -> float:
+    """Seconds from the CLI's first word of the long answer to its last, read as bytes, as a client reads."""
+    child = start_cli(claude, workdir)
+    seen, first = b"", None
+    while True:
+        line = child.stdout.readline()
+        if line.startswith(b'{"type":"control_request"'):
+            answer_tool_server(child, json.loads(line))
+            continue
+        if first is None and FIRST_WORD in line:
+            first = time.perf_counter()
+        if LAST_WORD in line:
+            elapsed = time.perf_counter() - first
+            break
+    child.stdin.close()
+    child.wait()
+    return elapsed
+
+
+def start_cli(claude: str, workdir: str) -> subprocess.Popen:
+    settings = cmp.LaunchSettings(model="sonnet")
+    child = subprocess.Popen(cmp.build_cli_argv(claude, settings), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, cwd=workdir,
+                             env=cmp.build_cli_env(os.environ, cmp.Config(), settings))
+    child.stdin.write(cmp.initialize_line(cmp.SessionSettings()))
+    child.stdin.write(cmp.user_line(cmp.Turn("user", [{"type": "text", "text": "hi"}])))
+    child.stdin.flush()
+    return child
+
+
+def answer_tool_server(child: subprocess.Popen, event: dict):
+    """As the proxy does for a request without tools."""
+    reply = cmp.mcp_reply(event["request"]["message"], (), {})
+    child.stdin.write(cmp.control_reply(event["request_id"], {"mcp_response": reply}))
+    child.stdin.flush()
+
+
+# ── the proxy, as a user runs it ──
+
+class Proxy:
+    def __init__(self, claude: str, *options: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", claude, "--port", str(self.port),
+             "--log-level", "warning", *options], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.health()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def request(self, method: str, path: str, body=None) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Content-Type": "application/json"})
+        return conn.getresponse()
+
+    def health(self) -> dict:
+        return json.loads(self.request("GET", "/health").read())
+
+    def wait_for(self, **counts):
+        """Until /health shows these process counts: what a request finds when it comes."""
+        while any(self.health()["processes"][state] != n for state, n in counts.items()):
+            time.sleep(0.02)
+
+    def chat(self, **body) -> dict:
+        reply = self.request("POST", "/v1/chat/completions", {"model": "sonnet", **body})
+        return json.loads(reply.read())
+
+    def relay(self, **body) -> float:
+        """Seconds from the first word of the long answer to its last, read as bytes off the socket."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "sonnet", "stream": True, **body}),
+                     {"Content-Type": "application/json"})
+        sock, seen, first = conn.sock, b"", None
+        while LAST_WORD not in seen:
+            data = sock.recv(1 << 16)
+            assert data, "the stream ended early"
+            if first is None and FIRST_WORD in seen[-32:] + data:
+                first = time.perf_counter()
+            seen = seen[-32:] + data
+        elapsed = time.perf_counter() - first
+        conn.close()
+        return elapsed
+
+    def stream(self, **body) -> tuple:
+        """(seconds to the first content delta, to the last, and the text)."""
+        started = time.perf_counter()
+        reply = self.request("POST", "/v1/chat/completions", {"model": "sonnet", "stream": True, **body})
+        first = last = None
+        text = []
+        for line in iter(reply.readline, b""):
+            if line.startswith(b"data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if delta:
+                    last = time.perf_counter() - started
+                    first = first or last
+                    text.append(delta)
+        return first, last, "".join(text)
+
+    def cpu(self) -> float:
+        """CPU seconds of the proxy and of every CLI it started, stopped ones included."""
+        fields = stat(self.process.pid)
+        return sum(int(field) for field in fields[11:15]) / TICK + \
+            sum(sum(int(field) for field in stat(child)[11:13]) / TICK for child in children(self.process.pid))
+
+    def memory(self) -> tuple:
+        """(the proxy's own RSS, its CLI processes' count, and their RSS), in MB."""
+        clis = children(self.process.pid)
+        return rss(self.process.pid), len(clis), sum(rss(child) for child in clis)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def stat(pid: int) -> list:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def rss(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+# ── what the fake upstream answers ──
+
+def tool_loop(upstream):
+    """The next LOOP_STEPS upstream calls: a tool call each, and then the answer."""
+    upstream.script = [test_proxy.tool_use((f"toolu_step{step}", "get_weather", {"city": "Oslo"}))
+                       for step in range(LOOP_STEPS - 1)]
+
+
+def slow_answer(seconds: float, pieces: int = 50):
+    def respond(handler, body):
+        handler.start_stream()
+        handler.event({"type": "message_start", "message": {
+            "id": "msg_slow", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
+        handler.event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        for _ in range(pieces):
+            time.sleep(seconds / pieces)
+            handler.event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "w "}})
+        handler.event({"type": "content_block_stop", "index": 0})
+        handler.event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}})
+        handler.event({"type": "message_stop"})
+        handler.wfile.write(b"0\r\n\r\n")
+    return respond
+
+
+WEATHER = test_proxy.WEATHER
+
+
+def run_loop(proxy: Proxy, upstream, number: int) -> float:
+    """One agent's tool loop, as openai-agents runs it: its wall time."""
+    tool_loop(upstream)
+    messages = [{"role": "user", "content": f"Loop {number}: weather in Oslo, ten times?"}]
+    started = time.perf_counter()
+    for step in range(LOOP_STEPS):
+        message = proxy.chat(tools=[WEATHER], messages=messages)["choices"][0]["message"]
+        messages.append({key: value for key, value in message.items() if value is not None and key != "refusal"})
+        for call in message.get("tool_calls") or []:
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": f"sunny, step {step}"})
+        if not message.get("tool_calls"):
+            break
+    assert step == LOOP_STEPS - 1 and message["content"], message
+    return time.perf_counter() - started
+
+
+# ── the measurements ──
+
+def first_tokens(claude, upstream, workdir) -> dict:
+    """Time to first token: bare CLI; new chats with the pool on and off; turn 2 of a conversation."""
+    pooled, plain = Proxy(claude), Proxy(claude, "--spares", "0", "--conversations", "0")
+    times = {"bare": [], "new, pool on": [], "new, pool off": [], "turn 2": []}
+    try:
+        pooled.chat(messages=[{"role": "user", "content": "warm-up"}])
+        for run in range(RUNS):  # interleaved, so all see the same machine load
+            times["bare"].append(bare_cli(claude, workdir))
+            pooled.wait_for(spare=1, running=0)
+            times["new, pool on"].append(pooled.stream(messages=[{"role": "user", "content": f"new {run}"}])[0])
+            times["new, pool off"].append(plain.stream(messages=[{"role": "user", "content": f"new {run}"}])[0])
+            first = [{"role": "user", "content": f"chat {run}"}]
+            answer = pooled.chat(messages=first)["choices"][0]["message"]["content"]
+            pooled.wait_for(spare=1, running=0)
+            times["turn 2"].append(pooled.stream(messages=[*first, {"role": "assistant", "content": answer},
+                                                           {"role": "user", "content": "and then?"}])[0])
+    finally:
+        pooled.stop()
+        plain.stop()
+    return times
+
+
+def tool_loops(claude, upstream, workdir) -> dict:
+    reused, replayed = Proxy(claude), Proxy(claude, "--spares", "0", "--conversations", "0")
+    times = {"bare": [], "loop, reuse on": [], "loop, reuse off": []}
+    try:
+        for number in range(LOOPS):
+            times["bare"].append(bare_cli(claude, workdir))
+            times["loop, reuse on"].append(run_loop(reused, upstream, number))
+            times["loop, reuse off"].append(run_loop(replayed, upstream, number))
+    finally:
+        reused.stop()
+        replayed.stop()
+    upstream.script = []
+    return times
+
+
+def relay(claude, upstream, workdir) -> dict:
+    """First to last token of a 3,000-word answer, bare and through the proxy."""
+    upstream.default = test_proxy.answer(pieces=[f"word{i} " for i in range(WORDS)])
+    proxy = Proxy(claude, "--spares", "0", "--conversations", "0")
+    times = {"bare": [], "proxy": []}
+    try:
+        for run in range(7):
+            times["bare"].append(bare_relay(claude, workdir))
+            times["proxy"].append(proxy.relay(messages=[{"role": "user", "content": f"words {run}"}]))
+    finally:
+        proxy.stop()
+        upstream.default = test_proxy.answer()
+    return times
+
+
+def cpu_per_request(claude) -> dict:
+    found = {}
+    cold = Proxy(claude, "--spares", "0", "--conversations", "0")
+    try:
+        before = cold.cpu()
+        for number in range(CPU_REQUESTS):
+            cold.chat(messages=[{"role": "user", "content": f"cold {number}"}])
+        found["cold"] = (cold.cpu() - before) / CPU_REQUESTS
+    finally:
+        cold.stop()
+    live = Proxy(claude, "--spares", "0")
+    try:
+        messages = [{"role": "user", "content": "a long chat"}]
+        for number in range(CPU_REQUESTS + 1):
+            if number == 1:
+                before = live.cpu()  # from the second turn on, every turn goes on in the same CLI
+            messages.append(live.chat(messages=messages)["choices"][0]["message"])
+            messages[-1] = {"role": "assistant", "content": messages[-1]["content"]}
+            messages.append({"role": "user", "content": f"and {number}?"})
+        found["continued"] = (live.cpu() - before) / CPU_REQUESTS
+    finally:
+        live.stop()
+    return found
+
+
+def memory(claude, upstream) -> dict:
+    proxy = Proxy(claude, "--max-concurrency", str(CONCURRENT))
+    try:
+        proxy.chat(messages=[{"role": "user", "content": "hello"}])
+        proxy.wait_for(spare=1, live=1, running=0)
+        idle = proxy.memory()
+        upstream.default = slow_answer(3.0)
+        threads = [threading.Thread(target=proxy.stream, kwargs={"messages": [
+            {"role": "user", "content": f"stream {n}"}]}) for n in range(CONCURRENT)]
+        for thread in threads:
+            thread.start()
+        busy = (0.0, 0, 0.0)
+        while any(thread.is_alive() for thread in threads):
+            sample = proxy.memory()
+            busy = max(busy, sample, key=lambda s: s[1] * 10_000 + s[0])
+            time.sleep(0.1)
+        counts = proxy.health()["processes"]
+    finally:
+        proxy.stop()
+        upstream.default = test_proxy.answer()
+    return {"idle": idle, "busy": busy, "limit": counts["limit"]}
+
+
+# ── the table ──
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def p90(values) -> float:
+    ordered = sorted(values)
+    return ordered[max(int(len(ordered) * 0.9 + 0.5) - 1, 0)]
 
 
 def main():
     claude = str(test_proxy.REAL_CLI)
     upstream = test_proxy.FakeAnthropic()
-    home = tempfile.mkdtemp()
+    home, workdir = tempfile.mkdtemp(), tempfile.mkdtemp()
     os.environ.update(HOME=home, ANTHROPIC_BASE_URL=upstream.url, CLAUDE_CODE_OAUTH_TOKEN="test",
                       CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
         os.environ.pop(name, None)
-    server = cmp.ProxyServer(cmp.Config(port=0, claude=claude), "bench")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    bare, proxied = [], []
-    for _ in range(RUNS):  # interleaved, so both see the same machine load
-        bare.append(bare_cli_ttft(claude))
-        proxied.append(proxy_ttft(server.server_address[1]))
-    server.shutdown()
-    server.drain_and_close()
+    ttft = first_tokens(claude, upstream, workdir)
+    loops = tool_loops(claude, upstream, workdir)
+    streams = relay(claude, upstream, workdir)
+    cpu = cpu_per_request(claude)
+    mem = memory(claude, upstream)
     upstream.shutdown()
-    print("Time to first token of a streamed reply, fake upstream on 127.0.0.1:")
-    print(describe("bare CLI (spawn → delta)", bare))
-    print(describe("through the proxy", proxied))
-    print(f"proxy overhead (median): {(statistics.median(proxied) - statistics.median(bare)) * 1000:.0f} ms")
+
+    bare = median(ttft["bare"])
+    rows = []
+
+    def ratio_row(name, values, base, target):
+        ratio = median(values) / base
+        rows.append((name, f"{median(values) * 1000:7.0f} ms", f"{p90(values) * 1000:7.0f} ms",
+                     f"{ratio:5.2f}", f"≤ {target}", "yes" if ratio <= target else "NO"))
+
+    rows.append(("first token, bare CLI (spawn → delta)", f"{bare * 1000:7.0f} ms",
+                 f"{p90(ttft['bare']) * 1000:7.0f} ms", " 1.00", "", ""))
+    ratio_row("first token, new chat, pool on", ttft["new, pool on"], bare, 0.2)
+    ratio_row("first token, new chat, pool off", ttft["new, pool off"], bare, 1.0)
+    ratio_row("first token, turn 2 extending turn 1", ttft["turn 2"], bare, 0.15)
+    loop_bare = median(loops["bare"])
+    steps_on = [total / LOOP_STEPS for total in loops["loop, reuse on"]]
+    steps_off = [total / LOOP_STEPS for total in loops["loop, reuse off"]]
+    ratio_row("one step of a 10-step tool loop, reuse on", steps_on, loop_bare, 0.25)
+    ratio_row("one step of a 10-step tool loop, reuse off", steps_off, loop_bare, 1.5)
+    overhead = median(streams["proxy"]) / median(streams["bare"]) - 1
+    rows.append((f"relay of a {WORDS:,}-word stream (first → last token)",
+                 f"{median(streams['proxy']) * 1000:7.0f} ms", f"{p90(streams['proxy']) * 1000:7.0f} ms",
+                 f"{overhead * 100:+4.1f} %", "< 5 %", "yes" if overhead < 0.05 else "NO"))
+    rows.append(("  the same, bare CLI", f"{median(streams['bare']) * 1000:7.0f} ms",
+                 f"{p90(streams['bare']) * 1000:7.0f} ms", "", "", ""))
+    cpu_ratio = cpu["continued"] / cpu["cold"]
+    rows.append(("CPU per request, cold (proxy + its CLIs)", f"{cpu['cold']:7.2f} s", "", " 1.00", "", ""))
+    rows.append(("CPU per request, continued", f"{cpu['continued']:7.2f} s", "", f"{cpu_ratio:5.2f}", "≤ 0.25",
+                 "yes" if cpu_ratio <= 0.25 else "NO"))
+    (own_idle, clis_idle, cli_rss_idle), (own_busy, clis_busy, cli_rss_busy) = mem["idle"], mem["busy"]
+    rows.append(("proxy's own RSS, idle", f"{own_idle:7.1f} MB", "", "", "< 30 MB", "yes" if own_idle < 30 else "NO"))
+    rows.append((f"proxy's own RSS, {CONCURRENT} concurrent streams", f"{own_busy:7.1f} MB", "", "", "", ""))
+    rows.append(("CLI processes idle (a spare, a live chat)", f"{clis_idle:7d}", f"{cli_rss_idle:7.0f} MB", "", "", ""))
+    rows.append((f"CLI processes, {CONCURRENT} concurrent streams", f"{clis_busy:7d}", f"{cli_rss_busy:7.0f} MB",
+                 "", f"≤ {mem['limit']}", "yes" if clis_busy <= mem["limit"] else "NO"))
+
+    version = cmp.read_cli_version(cmp.Config(claude=claude))
+    print(f"claude-max-proxy {cmp.__version__}, Claude Code {version} on a fake upstream "
+          f"that answers at once; {RUNS} interleaved runs ({LOOPS} loops each way); ratios of medians "
+          "to the bare CLI's in the same run")
+    header = ("measure", "median", "p90", "ratio", "target", "met")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 if __name__ == "__main__":

@@ -1115,6 +1115,9 @@ class ClaudeProcess:
         self._lock = threading.Lock()
         self.turn_finished = True  # no turn is under way: closing stdin lets the CLI exit by itself
         self.tools: Tuple[FunctionTool, ...] = ()
+        self.has_session = False  # the CLI has been given a request's session
+        self._tool_server = threading.Lock()  # tools, results and the held tool list, shared with the reader
+        self._listing: Optional[Tuple[str, dict]] = None
         # Claude's calls to the client's functions: the CLI asks to run each,
         # and we answer once the client has sent its result, or refuse. We
         # refuse only once Claude's message is complete: refusing ends the
@@ -1136,8 +1139,12 @@ class ClaudeProcess:
         threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
 
     def initialize(self, session: SessionSettings):
-        self.tools = session.tools
-        self.write(initialize_line(session))
+        with self._tool_server:
+            self.tools = session.tools
+            self.has_session = True
+            self.write(initialize_line(session))
+            if self._listing is not None:  # the CLI asked for the tool list while it waited for a session
+                self._reply_to_tool_server(*self._listing)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -1152,6 +1159,7 @@ class ClaudeProcess:
             for data in iter(lambda: self.popen.stdout.read1(1 << 16), b""):
                 lines = (partial + data).split(b"\n")
                 partial = lines.pop()
+                lines = [line for line in lines if not self._served_by_tool_server(line)]
                 if lines:
                     self._lines.put(lines)
                 time.sleep(READ_PAUSE_SECONDS)
@@ -1223,13 +1231,34 @@ class ClaudeProcess:
                                code="invalid_tool_schema")
         return event
 
+    def _served_by_tool_server(self, line: bytes) -> bool:
+        """Answer a message to our tool server here, in the reader, as soon as it comes: the CLI
+        never waits for a request to read it, and the handshake is done before a request comes.
+        Only a request for the tool list waits, for the session that has the tools."""
+        if b'"control_request"' not in line[:32]:
+            return False
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return False
+        request = event.get("request") if isinstance(event, dict) else None
+        if not isinstance(request, dict) or request.get("subtype") != "mcp_message":
+            return False
+        message = request.get("message") if isinstance(request.get("message"), dict) else {}
+        with self._tool_server:
+            if message.get("method") == "tools/list" and not self.has_session:
+                self._listing = (event.get("request_id"), message)
+            else:
+                self._reply_to_tool_server(event.get("request_id"), message)
+        return True
+
+    def _reply_to_tool_server(self, request_id: str, message: dict):
+        self.write(control_reply(request_id, {"mcp_response": mcp_reply(message, self.tools, self.results)}))
+        self.results.pop(tool_use_id_of(message), None)
+
     def _answer(self, request_id: str, request: dict):
         subtype = request.get("subtype")
-        if subtype == "mcp_message":
-            message = request.get("message") or {}
-            self.write(control_reply(request_id, {"mcp_response": mcp_reply(message, self.tools, self.results)}))
-            self.results.pop(tool_use_id_of(message), None)
-        elif subtype == "can_use_tool" and any(tool.name == request.get("tool_name") for tool in self.tools):
+        if subtype == "can_use_tool" and any(tool.name == request.get("tool_name") for tool in self.tools):
             call_id = request.get("tool_use_id")
             self.asked[call_id] = (request_id, request.get("input") or {})
             if call_id in self.results:
@@ -1254,7 +1283,8 @@ class ClaudeProcess:
 
     def give_results(self, results: Mapping[str, str]):
         """The client's results for the calls a held turn waits for: the CLI's turn goes on."""
-        self.results.update(results)
+        with self._tool_server:
+            self.results.update(results)
         for call_id in [call_id for call_id in self.asked if call_id in self.results]:
             self._allow(call_id)
 

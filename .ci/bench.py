@@ -252,10 +252,13 @@ def first_tokens(claude, upstream, workdir) -> dict:
     try:
         pooled.chat(messages=[{"role": "user", "content": "warm-up"}])
         for run in range(RUNS):  # interleaved, so all see the same machine load
+            # Each is timed once the proxies are at rest: a spare that is still starting
+            # would take CPU from what is timed, here as between a user's requests.
             times["bare"].append(bare_cli(claude, workdir))
+            times["new, pool off"].append(plain.stream(messages=[{"role": "user", "content": f"new {run}"}])[0])
+            plain.wait_for(running=0)
             pooled.wait_for(spare=1, running=0)
             times["new, pool on"].append(pooled.stream(messages=[{"role": "user", "content": f"new {run}"}])[0])
-            times["new, pool off"].append(plain.stream(messages=[{"role": "user", "content": f"new {run}"}])[0])
             first = [{"role": "user", "content": f"chat {run}"}]
             answer = pooled.chat(messages=first)["choices"][0]["message"]["content"]
             pooled.wait_for(spare=1, running=0)

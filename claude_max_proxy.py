@@ -1115,7 +1115,7 @@ class ClaudeProcess:
         self._lock = threading.Lock()
         self.turn_finished = True  # no turn is under way: closing stdin lets the CLI exit by itself
         self.tools: Tuple[FunctionTool, ...] = ()
-        self.has_session = False  # the CLI has been given a request's session
+        self.session_key: Optional[str] = None  # the digest of the session it was given, once it was
         self._tool_server = threading.Lock()  # tools, results and the held tool list, shared with the reader
         self._listing: Optional[Tuple[str, dict]] = None
         # Claude's calls to the client's functions: the CLI asks to run each,
@@ -1141,7 +1141,7 @@ class ClaudeProcess:
     def initialize(self, session: SessionSettings):
         with self._tool_server:
             self.tools = session.tools
-            self.has_session = True
+            self.session_key = digest(session)
             self.write(initialize_line(session))
             if self._listing is not None:  # the CLI asked for the tool list while it waited for a session
                 self._reply_to_tool_server(*self._listing)
@@ -1246,7 +1246,7 @@ class ClaudeProcess:
             return False
         message = request.get("message") if isinstance(request.get("message"), dict) else {}
         with self._tool_server:
-            if message.get("method") == "tools/list" and not self.has_session:
+            if message.get("method") == "tools/list" and self.session_key is None:
                 self._listing = (event.get("request_id"), message)
             else:
                 self._reply_to_tool_server(event.get("request_id"), message)
@@ -1481,6 +1481,7 @@ KEEPER_SECONDS = 1.0  # how often the pool looks for processes to retire or star
 # A spare starts once the requests that just began have had this long to start
 # their own turns, or have ended: a CLI starting takes half a second of a core.
 REFILL_DELAY_SECONDS = 0.5
+LAUNCHES_REMEMBERED = 16  # launch settings whose latest session the pool remembers
 
 
 def binary_identity(claude: str) -> Optional[Tuple[int, int, int]]:
@@ -1490,6 +1491,19 @@ def binary_identity(claude: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A spare the pool keeps: for the launch settings of a recent new conversation, started
+    ahead with its session too when its client sent the same session twice in a row."""
+    since: float
+    launch: LaunchSettings
+    session: Optional[SessionSettings] = None
+
+    @property
+    def key(self) -> Tuple[str, Optional[str]]:
+        return digest(self.launch), self.session and digest(self.session)
 
 
 @dataclass
@@ -1524,10 +1538,11 @@ class ProcessPool:
     for the results of Claude's calls). A request takes the live or held
     process its conversation goes on with; else a spare started with its
     launch settings; else a new one, for which the least recently used
-    process no request has makes room. The spares follow the launch settings
-    of the latest new conversations, since a client sends the same each time.
-    A keeper thread starts them, and retires what waited too long, died, or
-    was started from a CLI since replaced.
+    process no request has makes room. The spares follow the latest new
+    conversations (see Wanted), since a client sends the same settings each
+    time: given its session ahead, a spare answers a quarter sooner. A keeper
+    thread starts them, and retires what waited too long, died, or was started
+    from a CLI since replaced.
     """
 
     def __init__(self, config: Config, stopping: threading.Event):
@@ -1537,7 +1552,8 @@ class ProcessPool:
         self._running: set = set()
         self._idle: "OrderedDict[ClaudeProcess, None]" = OrderedDict()  # least recently used first
         self._starting = self._closing = 0  # processes on their way in or out, counted in the budget
-        self._wanted: List[Tuple[float, LaunchSettings]] = []  # (when, the launch of a new conversation)
+        self._wanted: List[Wanted] = []  # for the latest new conversations, oldest first
+        self._last_session: "OrderedDict[str, str]" = OrderedDict()  # launch digest → its latest session's
         self._refill_after = 0.0  # no spare starts before this time.monotonic()
         threading.Thread(target=self._keep, name="cli-pool", daemon=True).start()
 
@@ -1565,9 +1581,8 @@ class ProcessPool:
             cli, given, unusable = self._kept_for(request, tenant, turns, texts, labels)
             served = "continued"
             if cli is None:
-                wanted = [*self._wanted, (time.monotonic(), launch)]
-                self._wanted = wanted[-self.config.spares:] if self.config.spares else []
-                cli, stale = self._spare_for(launch)
+                self._want(launch, request.session)
+                cli, stale = self._spare_for(launch, request.session)
                 unusable += stale
                 given, served = Continuation(tuple(request.history)), "warm"
             if cli is None:
@@ -1580,7 +1595,7 @@ class ProcessPool:
         self._stop(unusable)
         if cli is None:
             cli, served = self._start(launch, for_request=True), "cold"
-        if served != "continued":
+        if cli.session_key is None:
             cli.initialize(request.session)
         return Lease(cli, served, given, hold_calls, lambda: self._put_back(cli, request, tenant))
 
@@ -1604,18 +1619,31 @@ class ProcessPool:
             del self._idle[cli]
         return found, given, unusable
 
-    def _spare_for(self, launch: LaunchSettings) -> Tuple[Optional[ClaudeProcess], List[ClaudeProcess]]:
-        """A spare started with `launch`, checked; and the spares found dead or stale."""
+    def _want(self, launch: LaunchSettings, session: SessionSettings):
+        """Learn from a new conversation what spares to keep."""
+        launch_key, session_key = digest(launch), digest(session)
+        repeated = self._last_session.pop(launch_key, None) == session_key
+        self._last_session[launch_key] = session_key
+        while len(self._last_session) > LAUNCHES_REMEMBERED:
+            self._last_session.popitem(last=False)
+        wanted = [*self._wanted, Wanted(time.monotonic(), launch, session if repeated else None)]
+        self._wanted = wanted[-self.config.spares:] if self.config.spares else []
+
+    def _spare_for(self, launch: LaunchSettings, session: SessionSettings) -> tuple:
+        """A spare for the request, checked: one given its session ahead, else one started with its
+        launch settings and no session yet. Also the spares found dead or stale."""
         key, binary, unusable = digest(launch), binary_identity(self.config.claude), []
-        for cli in reversed(self._idle):
-            if cli.conversation is None and cli.launch_key == key:
-                if cli.alive() and cli.binary == binary:
-                    del self._idle[cli]
-                    return cli, unusable
-                unusable.append(cli)
+        fitting = []
+        for cli in reversed(self._idle):  # the newest first
+            if cli.conversation is None and cli.launch_key == key and cli.session_key in (None, digest(session)):
+                (fitting if cli.alive() and cli.binary == binary else unusable).append(cli)
         for cli in unusable:
             del self._idle[cli]
-        return None, unusable
+        if not fitting:
+            return None, unusable
+        found = min(fitting, key=lambda cli: cli.session_key is None)  # one that has the session, if any
+        del self._idle[found]
+        return found, unusable
 
     def _make_room(self) -> List[ClaudeProcess]:
         """The least recently used idle processes that must go for one more to fit the budget."""
@@ -1627,10 +1655,14 @@ class ProcessPool:
     def _total(self) -> int:
         return len(self._running) + len(self._idle) + self._starting + self._closing
 
-    def _start(self, launch: LaunchSettings, for_request: bool) -> Optional[ClaudeProcess]:
-        """Start a CLI for a request (which then has it) or as a spare; None if the pool closed meanwhile."""
+    def _start(self, launch: LaunchSettings, for_request: bool,
+               session: Optional[SessionSettings] = None) -> Optional[ClaudeProcess]:
+        """Start a CLI for a request (which then has it) or as a spare, given a session ahead if
+        `session`; None if the pool closed meanwhile."""
         try:
             cli = ClaudeProcess(self.config, launch)
+            if session is not None:
+                cli.initialize(session)
         except ApiError:
             with self._lock:
                 self._starting -= 1
@@ -1713,22 +1745,22 @@ class ProcessPool:
                 wanted = self._missing_spares() if time.monotonic() >= self._refill_after else []
                 self._starting += len(wanted)
             self._stop(unusable)
-            for launch in wanted:
+            for spare in wanted:
                 try:
-                    self._start(launch, for_request=False)
+                    self._start(spare.launch, for_request=False, session=spare.session)
                 except ApiError as err:
                     log.warning("could not start a spare CLI: %s", err.message)
 
     def _expired(self) -> List[ClaudeProcess]:
         now, binary = time.monotonic(), binary_identity(self.config.claude)
-        self._wanted = [(when, launch) for when, launch in self._wanted if now - when < self.config.spare_timeout]
-        wanted = [digest(launch) for _, launch in self._wanted]
+        self._wanted = [spare for spare in self._wanted if now - spare.since < self.config.spare_timeout]
+        wanted = [spare.key for spare in self._wanted]
         expired = []
-        for cli in reversed(self._idle):  # the newest spare of a launch is the one kept
+        for cli in reversed(self._idle):  # the newest spare of a kind is the one kept
             if cli.conversation is None:
-                gone = cli.launch_key not in wanted or cli.binary != binary
+                gone = (cli.launch_key, cli.session_key) not in wanted or cli.binary != binary
                 if not gone:
-                    wanted.remove(cli.launch_key)
+                    wanted.remove((cli.launch_key, cli.session_key))
             else:
                 gone = now - cli.last_used > self.config.conversation_timeout
             if gone or not cli.alive():
@@ -1737,15 +1769,15 @@ class ProcessPool:
             del self._idle[cli]
         return expired
 
-    def _missing_spares(self) -> List[LaunchSettings]:
-        """The spares to start: one for each wanted launch without one, as the budget allows."""
-        have = [cli.launch_key for cli in self._idle if cli.conversation is None]
+    def _missing_spares(self) -> List[Wanted]:
+        """The spares to start: those wanted and not there, as the budget allows."""
+        have = [(cli.launch_key, cli.session_key) for cli in self._idle if cli.conversation is None]
         missing = []
-        for _, launch in self._wanted:
-            if digest(launch) in have:
-                have.remove(digest(launch))
+        for spare in self._wanted:
+            if spare.key in have:
+                have.remove(spare.key)
             else:
-                missing.append(launch)
+                missing.append(spare)
         return missing[:max(self.config.max_processes - self._total(), 0)]
 
     def close(self):

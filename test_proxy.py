@@ -2612,6 +2612,32 @@ def test_a_new_conversation_is_served_by_a_spare_started_for_its_launch_settings
     assert prompts_of(fake, newer) == [("user", None, ["Q2"])] and served(caplog, 4)[-1] == "warm"
 
 
+def sessions_of(fake, pid) -> list:
+    """The system prompts one fake CLI was initialized with."""
+    return [entry["stdin"]["request"]["systemPrompt"] for entry in fake.log() if entry["pid"] == pid
+            and "stdin" in entry and entry["stdin"]["type"] == "control_request"
+            and entry["stdin"]["request"]["subtype"] == "initialize"]
+
+
+def test_a_spare_gets_its_session_ahead_once_a_client_sent_the_same_one_twice(pooled, fake, caplog):
+    client = pooled()
+    brief = {"role": "system", "content": "Be brief."}
+    assert client.chat(messages=[brief, Q1]).status == 200
+    plain = spare_with(fake, None)
+    assert wait_until(lambda: processes(client)["spare"] == 1) and sessions_of(fake, plain) == []
+    assert client.chat(messages=[brief, Q2]).status == 200
+    assert sessions_of(fake, plain) == ["Be brief."]  # given when the request came
+    ready = spare_with(fake, None)
+    assert wait_until(lambda: sessions_of(fake, ready) == ["Be brief."])  # given before any request
+    assert client.chat(messages=[brief, {"role": "user", "content": "Q3"}]).status == 200
+    assert prompts_of(fake, ready) == [("user", None, ["Q3"])] and sessions_of(fake, ready) == ["Be brief."]
+    # A spare with another session ahead cannot take this one: a CLI takes one session only.
+    spare = spare_with(fake, None)
+    assert wait_until(lambda: sessions_of(fake, spare) == ["Be brief."])
+    assert client.chat(messages=[{"role": "system", "content": "Be verbose."}, Q1]).status == 200
+    assert prompts_of(fake, spare) == [] and served(caplog, 4) == ["cold", "warm", "warm", "cold"]
+
+
 def test_idle_spares_retire_after_the_spare_timeout(pooled, fake):
     client = pooled(spare_timeout=0.5)
     assert client.chat().status == 200

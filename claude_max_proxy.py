@@ -1208,8 +1208,8 @@ class ClaudeProcess:
             self._batch.extend(lines)
         raw = self._batch.popleft()
         try:
-            event = json.loads(raw)
-        except ValueError:
+            event = json.loads(raw.decode())  # from str: json.loads would first guess the bytes' encoding
+        except ValueError:  # UnicodeDecodeError too
             event = None
         if not isinstance(event, dict):
             raise ApiError(502, "The Claude Code CLI printed something that is not stream-json: "
@@ -1737,7 +1737,8 @@ class ProcessPool:
         """The keeper thread: retire what waited too long, died or went stale; start the spares wanted."""
         while True:
             with self._lock:
-                self._lock.wait(min(max(self._refill_after - time.monotonic(), 0.01), KEEPER_SECONDS))
+                until_refill = self._refill_after - time.monotonic()
+                self._lock.wait(min(until_refill, KEEPER_SECONDS) if until_refill > 0 else KEEPER_SECONDS)
                 if self.stopping.is_set():
                     return
                 unusable = self._expired()
@@ -2203,9 +2204,38 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
 # way: start() and feed(event) give a stream's frames, sse(frame) encodes one,
 # fail(err) ends a begun stream, and whole(end) is the non-streaming body.
 
+# One encoder for every frame: json.dumps with an option builds a new one per call.
+ENCODE_JSON = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def json_bytes(body: object) -> bytes:
     # "replace": a lone surrogate the client sent (and we echo) becomes "?", not an exception.
-    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
+    return ENCODE_JSON(body).encode("utf-8", "replace")
+
+
+def joined_text(events: Iterator) -> Iterator:
+    """The turn's events, with the text deltas that came together (with no None between) as one.
+
+    They go out in one write anyway; as one delta they cost one frame, not one
+    each, which in a burst of thousands is most of the proxy's work.
+    """
+    held: Optional[TextDelta] = None
+    try:
+        for event in events:
+            if isinstance(event, TextDelta) and held is not None and held.reasoning == event.reasoning:
+                held = TextDelta(held.text + event.text, event.reasoning)
+                continue
+            if held is not None:
+                yield held
+            held = event if isinstance(event, TextDelta) else None
+            if held is None:
+                yield event
+    except ApiError:
+        if held is not None:  # what came before the failure goes out before it, as it would have
+            yield held
+        raise
+    if held is not None:
+        yield held
 
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -2851,7 +2881,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 at_end()
                 lease.hand_back()
                 return self.send_json(200, body)
-            for event in events:
+            for event in joined_text(events):
                 if event is None:  # the CLI has nothing more for now
                     if not self.unsent and time.monotonic() - self.last_sent >= KEEPALIVE_SECONDS:
                         self.begin_stream()  # clients and proxies must not time out while Claude is silent

@@ -1733,6 +1733,24 @@ def test_a_chat_stream_is_the_role_the_deltas_the_finish_and_the_usage():
     assert reply.fail(ApiError(502, "gone")) == [ApiError(502, "gone").body()]
 
 
+def test_text_that_came_together_goes_out_as_one_delta():
+    events = [TextDelta("Hmm", reasoning=True), TextDelta("."), TextDelta("He"), TextDelta("l"), None,
+              TextDelta("lo"), cmp.ToolCallDelta(0, "", id="toolu_1", name="f"), TextDelta("!"),
+              TurnEnd("end_turn", Usage())]
+    assert list(cmp.joined_text(events)) == [
+        TextDelta("Hmm", reasoning=True), TextDelta(".Hel"), None, TextDelta("lo"), events[6], TextDelta("!"),
+        events[-1]]
+
+    def failing():
+        yield TextDelta("Par")
+        yield TextDelta("tial")
+        raise ApiError(502, "broken")
+    joined = cmp.joined_text(failing())
+    assert next(joined) == TextDelta("Partial")  # what came before a failure, before it
+    with pytest.raises(ApiError):
+        next(joined)
+
+
 def test_tool_call_chunks_carry_id_and_name_on_the_first_fragment_only():
     reply = cmp.Reply("m")
     first = reply.tool_call_chunk(cmp.ToolCallDelta(1, "", id="toolu_2", name="get_time"))
@@ -1882,9 +1900,11 @@ def test_stream(client, fake):
     assert len({(c["id"], c["created"], c["model"], c["object"]) for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert sum("role" in c["choices"][0]["delta"] for c in chunks if c["choices"]) == 1
-    assert [c["choices"][0]["delta"] for c in chunks[1:4]] == [
-        {"reasoning_content": "Let me think. "}, {"content": "Hel"}, {"content": "lo"}]
-    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * 4 + ["stop"]
+    # Text that came together may go out as one delta: "Hel" and "lo" did, or did not.
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-2]]
+    assert deltas[0] == {"reasoning_content": "Let me think. "} and content_of(chunks) == "Hello"
+    assert all(set(delta) == {"content"} for delta in deltas[1:]) and len(deltas) in (2, 3)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * (len(deltas) + 1) + ["stop"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
 
 
@@ -2880,8 +2900,9 @@ def test_real_stream(real_client, upstream):
     reply, frames = real_client.stream(stream_options={"include_usage": True})
     chunks = [f for f in frames if isinstance(f, dict)]
     assert reply.status == 200 and frames[-1] == "[DONE]"
-    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [
-        {"role": "assistant", "content": ""}, {"reasoning_content": "Hmm."}, {"content": "Hel"}, {"content": "lo"}]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""},
+                                                              {"reasoning_content": "Hmm."}]
+    assert content_of(chunks) == "Hello"  # in one delta or two, as the CLI's lines came together or not
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
 

@@ -1159,7 +1159,8 @@ class ClaudeProcess:
             for data in iter(lambda: self.popen.stdout.read1(1 << 16), b""):
                 lines = (partial + data).split(b"\n")
                 partial = lines.pop()
-                lines = [line for line in lines if not self._served_by_tool_server(line)]
+                if b'"control_request"' in data:
+                    lines = [line for line in lines if not self._served_by_tool_server(line)]
                 if lines:
                     self._lines.put(lines)
                 time.sleep(READ_PAUSE_SECONDS)
@@ -2891,6 +2892,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.begin_stream()
                 frames = self.reply.feed(event)
                 if isinstance(event, TurnEnd):
+                    self.send_unsent()  # the last words first: what follows takes longer with a long history
                     at_end()
                     lease.hand_back()
                 self.unsent += map(self.reply.sse, frames)

@@ -3,6 +3,9 @@
 Run `python3 claude_max_proxy.py` and point any OpenAI-compatible tool at
 http://127.0.0.1:3456/v1. Each request drives the official `claude -p` in
 stream-json mode, so it is served by the user's own Claude subscription.
+A pool keeps a few CLIs alive within one budget: spares started ahead of
+need, and the CLIs of finished conversations, which a request that goes on
+with one continues in place, tool calls included (section 5).
 
 Sections, in the order a request travels:
   1 Configuration   2 Errors   3 Models   4 The OpenAI request (pure)
@@ -11,7 +14,7 @@ Sections, in the order a request travels:
 One thread per connection, and two per CLI child (a stdout reader, a stdin
 writer), so a request thread never blocks on a pipe and can watch its deadline
 and its client. Requests share the read-only Config and, behind locks on the
-server object, the admission gate, the set of live CLI children and the
+server object, the admission gate, the process pool and the
 stored Responses API responses. A Responses API request is turned into a chat
 request (section 4), and the turn's events into its items (section 7).
 Not supported: n > 1, logprobs, audio, files, OpenAI's hosted tools.
@@ -48,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 log = logging.getLogger("claude-max-proxy")
 
@@ -1108,7 +1111,7 @@ class ClaudeProcess:
         # stdout, and a child that fills one with warnings blocks forever.
         self._stderr = tempfile.TemporaryFile()
         self._lines: "queue.Queue[Optional[List[bytes]]]" = queue.Queue()  # batches of stdout lines
-        self._batch: "deque[bytes]" = deque()  # the lines of the batch being read
+        self._batch: deque = deque()  # the events of the batch being read
         # Writes go through a thread: a child that stops reading must not block
         # the request thread, which watches the deadline and the client.
         self._stdin: "queue.Queue[Optional[bytes]]" = queue.Queue()
@@ -1206,15 +1209,11 @@ class ClaudeProcess:
             if lines is None:
                 self._lines.put(None)  # every later call sees the exit too
                 raise self._exit_error()
-            self._batch.extend(lines)
-        raw = self._batch.popleft()
-        try:
-            event = json.loads(raw.decode())  # from str: json.loads would first guess the bytes' encoding
-        except ValueError:  # UnicodeDecodeError too
-            event = None
-        if not isinstance(event, dict):
+            self._batch.extend(stream_json_events(lines))
+        event = self._batch.popleft()
+        if isinstance(event, bytes):
             raise ApiError(502, "The Claude Code CLI printed something that is not stream-json: "
-                                      f"{raw[:200].decode('utf-8', 'replace').strip()!r}", code="cli_bad_output")
+                                      f"{event[:200].decode('utf-8', 'replace').strip()!r}", code="cli_bad_output")
         kind = event.get("type")
         if kind == "result":
             self.turn_finished = True
@@ -1807,6 +1806,55 @@ class ProcessPool:
 
 # ── 6. Claude's events: stream-json lines → TextDelta / TurnEnd (pure) ──────
 
+DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking"}  # a delta's type → its text's key
+
+
+def stream_json_events(lines: Sequence[bytes]) -> list:
+    """A batch of the CLI's lines as events, each run of text (or thinking) deltas of one block as one delta.
+
+    A burst of thousands of deltas then costs one translation and one frame,
+    not one each, which in a long answer is most of the proxy's work. A line
+    that is not a JSON object stays as its bytes, for the reader to report.
+    """
+    events, run = [], []  # run: the pieces of the last event, while it is a text delta
+    for raw in lines:
+        try:
+            event = json.loads(raw.decode())  # from str: json.loads would first guess the bytes' encoding
+        except ValueError:  # UnicodeDecodeError too
+            event = raw
+        if not isinstance(event, dict):
+            event = raw
+        delta = _text_delta(event)
+        if delta and run and _text_delta(events[-1])[:2] == delta[:2]:
+            run.append(delta[2])
+            continue
+        if len(run) > 1:
+            _set_delta_text(events[-1], "".join(run))
+        run = [delta[2]] if delta else []
+        events.append(event)
+    if len(run) > 1:
+        _set_delta_text(events[-1], "".join(run))
+    return events
+
+
+def _text_delta(event) -> Optional[tuple]:
+    """(block index, delta type, text) of a text or thinking delta, else None."""
+    if not isinstance(event, dict) or event.get("type") != "stream_event":
+        return None
+    inner = event.get("event")
+    if not isinstance(inner, dict) or inner.get("type") != "content_block_delta":
+        return None
+    delta = inner.get("delta")
+    key = DELTA_TEXT.get(delta.get("type")) if isinstance(delta, dict) else None
+    text = delta.get(key) if key else None
+    return (inner.get("index"), delta["type"], text) if isinstance(text, str) else None
+
+
+def _set_delta_text(event: dict, text: str):
+    delta = event["event"]["delta"]
+    delta[DELTA_TEXT[delta["type"]]] = text
+
+
 @dataclass
 class Usage:
     input_tokens: int = 0
@@ -2212,31 +2260,6 @@ ENCODE_JSON = json.JSONEncoder(ensure_ascii=False).encode
 def json_bytes(body: object) -> bytes:
     # "replace": a lone surrogate the client sent (and we echo) becomes "?", not an exception.
     return ENCODE_JSON(body).encode("utf-8", "replace")
-
-
-def joined_text(events: Iterator) -> Iterator:
-    """The turn's events, with the text deltas that came together (with no None between) as one.
-
-    They go out in one write anyway; as one delta they cost one frame, not one
-    each, which in a burst of thousands is most of the proxy's work.
-    """
-    held: Optional[TextDelta] = None
-    try:
-        for event in events:
-            if isinstance(event, TextDelta) and held is not None and held.reasoning == event.reasoning:
-                held = TextDelta(held.text + event.text, event.reasoning)
-                continue
-            if held is not None:
-                yield held
-            held = event if isinstance(event, TextDelta) else None
-            if held is None:
-                yield event
-    except ApiError:
-        if held is not None:  # what came before the failure goes out before it, as it would have
-            yield held
-        raise
-    if held is not None:
-        yield held
 
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -2882,7 +2905,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 at_end()
                 lease.hand_back()
                 return self.send_json(200, body)
-            for event in joined_text(events):
+            for event in events:
                 if event is None:  # the CLI has nothing more for now
                     if not self.unsent and time.monotonic() - self.last_sent >= KEEPALIVE_SECONDS:
                         self.begin_stream()  # clients and proxies must not time out while Claude is silent

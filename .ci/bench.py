@@ -106,13 +106,14 @@ def answer_tool_server(child: subprocess.Popen, event: dict):
 # ── the proxy, as a user runs it ──
 
 class Proxy:
-    def __init__(self, claude: str, *options: str):
+    def __init__(self, claude: str, *options: str, as_module: bool = False):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        program = ["-m", "claude_max_proxy"] if as_module else [str(HERE / "claude_max_proxy.py")]
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", claude, "--port", str(self.port),
-             "--log-level", "warning", *options], stderr=subprocess.DEVNULL)
+            [sys.executable, *program, "--claude", claude, "--port", str(self.port),
+             "--log-level", "warning", *options], stderr=subprocess.DEVNULL, cwd=HERE)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -367,7 +368,24 @@ def cpu_per_request(claude) -> dict:
     return found
 
 
+def idle_memory(claude, as_module: bool) -> tuple:
+    proxy = Proxy(claude, as_module=as_module)
+    try:
+        proxy.chat(messages=[{"role": "user", "content": "hello"}])
+        proxy.wait_for(spare=1, live=1, running=0)
+        return proxy.memory()
+    finally:
+        proxy.stop()
+
+
 def memory(claude, upstream) -> dict:
+    # CPython keeps a script's parse tree while the script runs, and frees a module's once it is compiled.
+    as_module = idle_memory(claude, as_module=True)[0]
+    empty = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    empty.stdout.readline()
+    empty_rss = rss(empty.pid)
+    empty.communicate("\n")
     proxy = Proxy(claude, "--max-concurrency", str(CONCURRENT))
     try:
         proxy.chat(messages=[{"role": "user", "content": "hello"}])
@@ -387,7 +405,7 @@ def memory(claude, upstream) -> dict:
     finally:
         proxy.stop()
         upstream.default = test_proxy.answer()
-    return {"idle": idle, "busy": busy, "limit": counts["limit"]}
+    return {"idle": idle, "busy": busy, "limit": counts["limit"], "as_module": as_module, "empty": empty_rss}
 
 
 # ── the table ──
@@ -448,6 +466,8 @@ def main():
                  "yes" if cpu_ratio <= 0.25 else "NO"))
     (own_idle, clis_idle, cli_rss_idle), (own_busy, clis_busy, cli_rss_busy) = mem["idle"], mem["busy"]
     rows.append(("proxy's own RSS, idle", f"{own_idle:7.1f} MB", "", "", "< 30 MB", "yes" if own_idle < 30 else "NO"))
+    rows.append(("  the same, run as `python3 -m claude_max_proxy`", f"{mem['as_module']:7.1f} MB", "", "", "", ""))
+    rows.append(("  an empty python3 here, for scale", f"{mem['empty']:7.1f} MB", "", "", "", ""))
     rows.append((f"proxy's own RSS, {CONCURRENT} concurrent streams", f"{own_busy:7.1f} MB", "", "", "", ""))
     rows.append(("CLI processes idle (a spare, a live chat)", f"{clis_idle:7d}", f"{cli_rss_idle:7.0f} MB", "", "", ""))
     rows.append((f"CLI processes, {CONCURRENT} concurrent streams", f"{clis_busy:7d}", f"{cli_rss_busy:7.0f} MB",

@@ -1567,8 +1567,9 @@ class ProcessPool:
         except BaseException:  # the client may not have the whole answer
             self._retire(lease.cli, lease.handed_back)
             raise
-        finally:
-            self._stop(lease.to_stop)  # what the pool no longer keeps, now that the answer is out
+        finally:  # what the pool no longer keeps is stopped apart: the client's next request need not wait
+            if lease.to_stop:  # (not a daemon: the proxy does not exit before they are stopped)
+                threading.Thread(target=self._stop, args=(lease.to_stop,), name="cli-stop").start()
 
     def _claim(self, request: ChatRequest, tenant: str) -> Lease:
         turns = [*request.history, request.prompt]

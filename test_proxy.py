@@ -86,11 +86,12 @@ def answer(text="Hello from fake upstream.", pieces=None, thinking=None, stop_re
 
 def tool_use(*calls, text=None, pause=0.0, thinking=None):
     """Claude calling tools: each call is (id, name, input), after `thinking` and `text` if
-    given. `pause` seconds pass between calls, as with a model still writing the next one."""
+    given. `pause` seconds pass between calls, as with a model still writing the next one.
+    Each message has an id of its own, as Anthropic's do: the CLI merges messages that share one."""
     def respond(handler, body, ending=True):
         handler.start_stream()
         handler.event({"type": "message_start", "message": {
-            "id": "msg_tools", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "id": f"msg_{calls[0][0]}", "type": "message", "role": "assistant", "model": body["model"], "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
         blocks = ([("thinking", thinking)] if thinking else []) + ([("text", text)] if text else []) + \
             [("tool_use", call) for call in calls]

@@ -1809,22 +1809,24 @@ class ProcessPool:
 
 DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking"}  # a delta's type → its text's key
 
+# The CLI writes every text delta's line in this shape (JSON.stringify, keys in
+# this order): such a line is read without parsing it whole, which in a long
+# answer would be most of the proxy's work. Its other keys (uuid, session_id)
+# are not used. Any other line is parsed whole.
+TEXT_DELTA_LINE = re.compile(r'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d+),'
+                             r'"delta":\{"type":"(text_delta|thinking_delta)","(?:text|thinking)":"')
+
 
 def stream_json_events(lines: Sequence[bytes]) -> list:
     """A batch of the CLI's lines as events, each run of text (or thinking) deltas of one block as one delta.
 
     A burst of thousands of deltas then costs one translation and one frame,
-    not one each, which in a long answer is most of the proxy's work. A line
-    that is not a JSON object stays as its bytes, for the reader to report.
+    not one each. A line that is not a JSON object stays as its bytes, for the
+    reader to report.
     """
     events, run = [], []  # run: the pieces of the last event, while it is a text delta
     for raw in lines:
-        try:
-            event = json.loads(raw.decode())  # from str: json.loads would first guess the bytes' encoding
-        except ValueError:  # UnicodeDecodeError too
-            event = raw
-        if not isinstance(event, dict):
-            event = raw
+        event = line_event(raw)
         delta = _text_delta(event)
         if delta and run and _text_delta(events[-1])[:2] == delta[:2]:
             run.append(delta[2])
@@ -1836,6 +1838,22 @@ def stream_json_events(lines: Sequence[bytes]) -> list:
     if len(run) > 1:
         _set_delta_text(events[-1], "".join(run))
     return events
+
+
+def line_event(raw: bytes) -> Union[dict, bytes]:
+    """One line of the CLI's as an event, or as its bytes if it is not a JSON object."""
+    try:
+        line = raw.decode()  # then parsed from str: json.loads would first guess the bytes' encoding
+        delta = TEXT_DELTA_LINE.match(line)
+        if delta:
+            text, end = json.decoder.scanstring(line, delta.end())
+            if line.startswith("}}", end):
+                return {"type": "stream_event", "event": {"type": "content_block_delta", "index": int(delta[1]),
+                                                          "delta": {"type": delta[2], DELTA_TEXT[delta[2]]: text}}}
+        event = json.loads(line)
+    except ValueError:  # UnicodeDecodeError too
+        return raw
+    return event if isinstance(event, dict) else raw
 
 
 def _text_delta(event) -> Optional[tuple]:

@@ -1461,6 +1461,23 @@ def test_a_burst_of_deltas_of_one_block_is_read_as_one_delta():
         text_delta("?")]
 
 
+@pytest.mark.parametrize("text", ["plain ", 'a "quote", a \\ and\na line', "é ünïcode 😀", ""])
+@pytest.mark.parametrize("kind", ["text_delta", "thinking_delta"])
+def test_a_delta_line_read_without_parsing_it_whole_is_the_event_json_would_give(text, kind):
+    key = cmp.DELTA_TEXT[kind]
+    event = {"type": "stream_event", "event": {"type": "content_block_delta", "index": 2,
+                                               "delta": {"type": kind, key: text}}}
+    for ensure_ascii in (True, False):  # as the real CLI writes it: compact, these keys first
+        line = json.dumps({**event, "session_id": "s1", "parent_tool_use_id": None, "uuid": "u1"},
+                          separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
+        assert cmp.TEXT_DELTA_LINE.match(line.decode()) and cmp.line_event(line) == event
+    spaced = json.dumps({**event, "uuid": "u1"}).encode()  # any other shape is parsed whole
+    assert cmp.line_event(spaced) == {**event, "uuid": "u1"}
+    assert cmp.line_event(b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,'
+                          b'"delta":{"type":"text_delta","text":"cut off') == \
+        b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"cut off'
+
+
 def translate(lines, **options):
     translator = TurnTranslator(**options)
     return translator, [out for line in lines for out in translator.feed(line)]

@@ -1814,7 +1814,7 @@ DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking"}  # a delta's t
 # answer would be most of the proxy's work. Its other keys (uuid, session_id)
 # are not used. Any other line is parsed whole.
 TEXT_DELTA_LINE = re.compile(r'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d+),'
-                             r'"delta":\{"type":"(text_delta|thinking_delta)","(?:text|thinking)":"')
+                             r'"delta":\{"type":"(text_delta|thinking_delta)","(text|thinking)":"')
 
 
 def stream_json_events(lines: Sequence[bytes]) -> list:
@@ -1845,7 +1845,7 @@ def line_event(raw: bytes) -> Union[dict, bytes]:
     try:
         line = raw.decode()  # then parsed from str: json.loads would first guess the bytes' encoding
         delta = TEXT_DELTA_LINE.match(line)
-        if delta:
+        if delta and DELTA_TEXT[delta[2]] == delta[3]:
             text, end = json.decoder.scanstring(line, delta.end())
             if line.startswith("}}", end):
                 return {"type": "stream_event", "event": {"type": "content_block_delta", "index": int(delta[1]),

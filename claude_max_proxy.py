@@ -1160,9 +1160,10 @@ class ClaudeProcess:
         partial = b""
         with self.popen.stdout:  # closed here: another thread closing it could block on its lock
             for data in iter(lambda: self.popen.stdout.read1(1 << 16), b""):
-                lines = (partial + data).split(b"\n")
+                chunk = partial + data
+                lines = chunk.split(b"\n")
                 partial = lines.pop()
-                if b'"control_request"' in data:
+                if b'"control_request"' in chunk:  # (a line may have begun in an earlier read)
                     lines = [line for line in lines if not self._served_by_tool_server(line)]
                 if lines:
                     self._lines.put(lines)

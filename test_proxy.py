@@ -454,7 +454,13 @@ def log(entry):
 
 
 def emit(line):
-    sys.stdout.write(json.dumps(line) + "\n")
+    text = json.dumps(line) + "\n"
+    if os.environ.get("FAKE_CLAUDE_SPLIT_LINES"):  # each line in two writes, as a long line can come
+        sys.stdout.write(text[:len(text) // 2])
+        sys.stdout.flush()
+        time.sleep(0.01)
+        text = text[len(text) // 2:]
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 
@@ -2364,6 +2370,16 @@ def test_tools_reach_claude_as_the_client_defined_them(client, fake):
                        "_meta": whole}]
     argv = fake.log()[0]["argv"]
     assert "--tools=" in argv and "--permission-prompt-tool=stdio" in argv
+
+
+def test_the_tool_server_answers_a_line_the_cli_wrote_in_two_reads(client, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_CLAUDE_SPLIT_LINES", "1")
+    fake.play("tool_calls")
+    body = client.chat(**TOOL_REQUEST).json()
+    assert [call["function"]["name"] for call in body["choices"][0]["message"]["tool_calls"]] == [
+        "get_weather", "get_time"]
+    assert [tool["name"] for tool in replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"]] \
+        == ["get_weather", "get_time"]
 
 
 def test_tool_calls_come_back_in_openai_shape(start_proxy, fake):

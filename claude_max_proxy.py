@@ -1825,19 +1825,17 @@ def stream_json_events(lines: Sequence[bytes]) -> list:
     not one each. A line that is not a JSON object stays as its bytes, for the
     reader to report.
     """
-    events, run = [], []  # run: the pieces of the last event, while it is a text delta
+    events, block, pieces = [], None, []  # pieces: the text of the last event, while it is a delta of `block`
     for raw in lines:
         event = line_event(raw)
         delta = _text_delta(event)
-        if delta and run and _text_delta(events[-1])[:2] == delta[:2]:
-            run.append(delta[2])
+        if delta and delta[:2] == block:
+            pieces.append(delta[2])
             continue
-        if len(run) > 1:
-            _set_delta_text(events[-1], "".join(run))
-        run = [delta[2]] if delta else []
+        _join_text(events, pieces)
         events.append(event)
-    if len(run) > 1:
-        _set_delta_text(events[-1], "".join(run))
+        block, pieces = (delta[:2], [delta[2]]) if delta else (None, [])
+    _join_text(events, pieces)
     return events
 
 
@@ -1870,9 +1868,11 @@ def _text_delta(event) -> Optional[tuple]:
     return (inner.get("index"), delta["type"], text) if isinstance(text, str) else None
 
 
-def _set_delta_text(event: dict, text: str):
-    delta = event["event"]["delta"]
-    delta[DELTA_TEXT[delta["type"]]] = text
+def _join_text(events: list, pieces: List[str]):
+    """Give the last event, a text delta, the text of the run of deltas it began."""
+    if len(pieces) > 1:
+        delta = events[-1]["event"]["delta"]
+        delta[DELTA_TEXT[delta["type"]]] = "".join(pieces)
 
 
 @dataclass

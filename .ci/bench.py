@@ -368,29 +368,33 @@ def cpu_per_request(claude) -> dict:
     return found
 
 
-def idle_memory(claude, as_module: bool) -> tuple:
-    proxy = Proxy(claude, as_module=as_module)
+def idle_memory(proxy: Proxy) -> tuple:
+    """The proxy's memory() at rest after one chat: holding a spare and a live conversation."""
+    proxy.chat(messages=[{"role": "user", "content": "hello"}])
+    proxy.wait_for(spare=1, live=1, running=0)
+    return proxy.memory()
+
+
+def empty_interpreter_rss() -> float:
+    empty = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    empty.stdout.readline()
     try:
-        proxy.chat(messages=[{"role": "user", "content": "hello"}])
-        proxy.wait_for(spare=1, live=1, running=0)
-        return proxy.memory()
+        return rss(empty.pid)
     finally:
-        proxy.stop()
+        empty.communicate("\n")
 
 
 def memory(claude, upstream) -> dict:
     # CPython keeps a script's parse tree while the script runs, and frees a module's once it is compiled.
-    as_module = idle_memory(claude, as_module=True)[0]
-    empty = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    empty.stdout.readline()
-    empty_rss = rss(empty.pid)
-    empty.communicate("\n")
+    as_module = Proxy(claude, as_module=True)
+    try:
+        module_rss = idle_memory(as_module)[0]
+    finally:
+        as_module.stop()
     proxy = Proxy(claude, "--max-concurrency", str(CONCURRENT))
     try:
-        proxy.chat(messages=[{"role": "user", "content": "hello"}])
-        proxy.wait_for(spare=1, live=1, running=0)
-        idle = proxy.memory()
+        idle = idle_memory(proxy)
         upstream.default = slow_answer(3.0)
         threads = [threading.Thread(target=proxy.stream, kwargs={"messages": [
             {"role": "user", "content": f"stream {n}"}]}) for n in range(CONCURRENT)]
@@ -405,7 +409,8 @@ def memory(claude, upstream) -> dict:
     finally:
         proxy.stop()
         upstream.default = test_proxy.answer()
-    return {"idle": idle, "busy": busy, "limit": counts["limit"], "as_module": as_module, "empty": empty_rss}
+    return {"idle": idle, "busy": busy, "limit": counts["limit"], "as_module": module_rss,
+            "empty": empty_interpreter_rss()}
 
 
 # ── the table ──

@@ -95,6 +95,39 @@ def _env_flag(value: Optional[str]) -> bool:
 def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
     """Read options from argv, falling back to CLAUDE_MAX_PROXY_* variables."""
     env = lambda name: environ.get(ENV_PREFIX + name)  # noqa: E731
+    parser = _option_parser(env)
+    # String defaults (from the environment) go through type= like typed values,
+    # so CLAUDE_MAX_PROXY_PORT=abc is a usage error, not a traceback.
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.log_level not in LOG_LEVELS:  # argparse checks choices only on the command line
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    if args.max_concurrency < 1:
+        parser.error("--max-concurrency must be at least 1")
+    if args.max_processes is None:
+        args.max_processes = max(Config.max_processes, args.max_concurrency)
+    if args.max_processes < args.max_concurrency:
+        parser.error("--max-processes must be at least --max-concurrency: each running request has a CLI")
+    if args.spares < 0 or args.conversations < 0:
+        parser.error("--spares and --conversations must not be negative")
+    if min(args.timeout, args.spare_timeout, args.conversation_timeout) <= 0:
+        parser.error("--timeout, --spare-timeout and --conversation-timeout must be positive")
+    if args.max_retries < 0:
+        parser.error("--max-retries must not be negative")
+    return Config(
+        host=args.host, port=args.port, claude=args.claude, api_key=args.api_key or None,
+        cors_origins=tuple(args.cors_origins or _env_list(env("CORS_ORIGINS"))),
+        allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
+        max_concurrency=args.max_concurrency, max_processes=args.max_processes, spares=args.spares,
+        conversations=args.conversations, spare_timeout=args.spare_timeout,
+        conversation_timeout=args.conversation_timeout, timeout=args.timeout, max_retries=args.max_retries,
+        use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
+        log_level=args.log_level)
+
+
+def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentParser:
+    """Every option, with its default from the environment, as --help shows it."""
     parser = argparse.ArgumentParser(
         prog="claude_max_proxy.py",
         description="Serve OpenAI's /v1/chat/completions and /v1/responses from your Claude subscription "
@@ -149,34 +182,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     add("--log-level", choices=LOG_LEVELS, default=(env("LOG_LEVEL") or Config.log_level).lower(),
         help="log verbosity on stderr ($CLAUDE_MAX_PROXY_LOG_LEVEL; default %(default)s)")
     add("--version", action="version", version=f"claude-max-proxy {__version__}")
-    # String defaults (from the environment) go through type= like typed values,
-    # so CLAUDE_MAX_PROXY_PORT=abc is a usage error, not a traceback.
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.log_level not in LOG_LEVELS:  # argparse checks choices only on the command line
-        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
-    if args.max_concurrency < 1:
-        parser.error("--max-concurrency must be at least 1")
-    if args.max_processes is None:
-        args.max_processes = max(Config.max_processes, args.max_concurrency)
-    if args.max_processes < args.max_concurrency:
-        parser.error("--max-processes must be at least --max-concurrency: each running request has a CLI")
-    if args.spares < 0 or args.conversations < 0:
-        parser.error("--spares and --conversations must not be negative")
-    if min(args.timeout, args.spare_timeout, args.conversation_timeout) <= 0:
-        parser.error("--timeout, --spare-timeout and --conversation-timeout must be positive")
-    if args.max_retries < 0:
-        parser.error("--max-retries must not be negative")
-    return Config(
-        host=args.host, port=args.port, claude=args.claude, api_key=args.api_key or None,
-        cors_origins=tuple(args.cors_origins or _env_list(env("CORS_ORIGINS"))),
-        allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
-        max_concurrency=args.max_concurrency, max_processes=args.max_processes, spares=args.spares,
-        conversations=args.conversations, spare_timeout=args.spare_timeout,
-        conversation_timeout=args.conversation_timeout, timeout=args.timeout, max_retries=args.max_retries,
-        use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
-        log_level=args.log_level)
+    return parser
 
 
 def is_loopback(host: str) -> bool:

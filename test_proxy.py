@@ -371,11 +371,10 @@ def wait_until(condition, timeout=5.0, step=0.02):
 
 def pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone, also while we read
         return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
-        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="session")

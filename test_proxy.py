@@ -3176,6 +3176,26 @@ def test_signals_stop_the_server_and_every_cli_child(upstream, real_cli, signum)
         proxy.wait()
 
 
+def test_the_program_answers_without_loading_openssl(fake):
+    """Run as users run it, the proxy leaves OpenSSL unloaded (README, "Memory"), and still checks keys."""
+    proxy = subprocess.Popen([sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", fake.path,
+                              "--port", "0", "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in proxy.stderr if " on http://" in line)
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        for key, status in (("k", 200), ("wrong", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": "sonnet", "messages": [USER]}),
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            assert conn.getresponse().status == status
+            conn.close()
+        maps = Path(f"/proc/{proxy.pid}/maps").read_text()
+        assert "libcrypto" not in maps and "libssl" not in maps
+    finally:
+        proxy.terminate()
+        proxy.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5)
+
+
 def test_make_installs_a_launch_agent_that_runs_this_file(tmp_path):
     import plistlib
     home = tmp_path / "home"

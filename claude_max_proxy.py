@@ -37,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -87,6 +88,7 @@ class Config:
     spare_timeout: float = 600.0
     conversation_timeout: float = 600.0
     timeout: float = 600.0
+    read_timeout: float = 60.0
     max_retries: int = 2
     use_api_key: bool = False
     allow_unauthenticated_remote: bool = False
@@ -120,8 +122,8 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         parser.error("--max-processes must be at least --max-concurrency: each running request has a CLI")
     if args.spares < 0 or args.conversations < 0:
         parser.error("--spares and --conversations must not be negative")
-    if min(args.timeout, args.spare_timeout, args.conversation_timeout) <= 0:
-        parser.error("--timeout, --spare-timeout and --conversation-timeout must be positive")
+    if min(args.timeout, args.read_timeout, args.spare_timeout, args.conversation_timeout) <= 0:
+        parser.error("--timeout, --read-timeout, --spare-timeout and --conversation-timeout must be positive")
     if args.max_retries < 0:
         parser.error("--max-retries must not be negative")
     return Config(
@@ -130,7 +132,8 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
         max_concurrency=args.max_concurrency, max_processes=args.max_processes, spares=args.spares,
         conversations=args.conversations, spare_timeout=args.spare_timeout,
-        conversation_timeout=args.conversation_timeout, timeout=args.timeout, max_retries=args.max_retries,
+        conversation_timeout=args.conversation_timeout, timeout=args.timeout, read_timeout=args.read_timeout,
+        max_retries=args.max_retries,
         use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
         log_level=args.log_level)
 
@@ -179,7 +182,11 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
         help="end a kept conversation's CLI after this long without its next request, also one that "
              "waits for tool results ($CLAUDE_MAX_PROXY_CONVERSATION_TIMEOUT; default %(default)s)")
     add("--timeout", metavar="SECONDS", type=float, default=env("TIMEOUT") or Config.timeout,
-        help="give up on a request after this long, with 504 ($CLAUDE_MAX_PROXY_TIMEOUT; default %(default)s)")
+        help="give up on a request after this long, with 504, also on a client that stops reading its "
+             "answer ($CLAUDE_MAX_PROXY_TIMEOUT; default %(default)s)")
+    add("--read-timeout", metavar="SECONDS", type=float, default=env("READ_TIMEOUT") or Config.read_timeout,
+        help="time a client has to send a request's headers, and then its body, with 408 after it "
+             "($CLAUDE_MAX_PROXY_READ_TIMEOUT; default %(default)s)")
     add("--max-retries", metavar="N", type=int, default=env("MAX_RETRIES") or Config.max_retries,
         help="retries the CLI makes on upstream errors ($CLAUDE_MAX_PROXY_MAX_RETRIES; default %(default)s)")
     add("--use-api-key", action="store_true", default=_env_flag(env("USE_API_KEY")),
@@ -2066,6 +2073,7 @@ class TurnTranslator:
         self.streamed = False    # the current attempt arrives as stream events
         self.error_kind = None   # from the CLI's synthetic error message
         self.rate_limit: dict = {}
+        self.retry_delay_ms: Optional[float] = None  # the CLI's last wait before a retry: upstream's retry-after
         self.thinking_muted = False
         self._start_answer()
 
@@ -2086,6 +2094,8 @@ class TurnTranslator:
             return self._assistant(event)
         if kind == "rate_limit_event":
             self.rate_limit = event.get("rate_limit_info") or {}
+        if kind == "system" and event.get("subtype") == "api_retry":
+            self.retry_delay_ms = event.get("retry_delay_ms")
         if kind == "result":
             return self._result(event)
         return []
@@ -2236,7 +2246,7 @@ class TurnTranslator:
             # message came whole (the non-streaming fallback) or broke off.
             return [self._end("tool_use", usage)]
         if result.get("is_error"):
-            raise error_from_result(result, self.error_kind, self.rate_limit, self.clock())
+            raise error_from_result(result, self.error_kind, self.rate_limit, self.clock(), self.retry_delay_ms)
         if self.structured:
             # The JSON the CLI checked against the schema; or, when Claude
             # answered in words twice, the words it took (PROTOCOL.md §6.4).
@@ -2251,8 +2261,13 @@ class TurnTranslator:
         return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning), calls)
 
 
-def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float) -> ApiError:
-    """Map a failed turn to the status a client can act on (PROTOCOL.md §1.2, §7)."""
+def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float,
+                      retry_delay_ms: Optional[float] = None) -> ApiError:
+    """Map a failed turn to the status a client can act on (PROTOCOL.md §1.2, §7).
+
+    A 429's Retry-After is the window's reset time when the CLI saw one, else
+    the wait the CLI itself kept before its last retry, which follows the
+    upstream's retry-after."""
     status = result.get("api_error_status")
     terminal = result.get("terminal_reason")
     message = result.get("result") or "; ".join(result.get("errors") or []) \
@@ -2268,9 +2283,14 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
                                    f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in")
     if error_kind == "rate_limit" or status == 429:
         resets_at = rate_limit.get("resetsAt")
-        wait = int(resets_at - now) if isinstance(resets_at, (int, float)) and resets_at > now else 0
+        if isinstance(resets_at, (int, float)) and resets_at > now:
+            wait = int(resets_at - now)
+        elif isinstance(retry_delay_ms, (int, float)) and retry_delay_ms > 0:
+            wait = round(retry_delay_ms / 1000)
+        else:
+            wait = RATE_LIMIT_RETRY_SECONDS
         return ApiError(429, f"Claude usage or rate limit reached: {message}", code="rate_limit_exceeded",
-                              retry_after=wait or RATE_LIMIT_RETRY_SECONDS)
+                              retry_after=max(wait, 1))
     if status == 529 or "overloaded" in lowered:
         return ApiError(503, f"Claude is overloaded: {message}", code="overloaded",
                               retry_after=OVERLOADED_RETRY_SECONDS)
@@ -2560,12 +2580,20 @@ class ResponseBuilder:
 # ── 8. The HTTP server: routes, admission, stored responses, SSE (I/O) ─────
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
+MAX_REQUEST_LINE = 8192            # bytes; http.server's own limits bound each header line and their count
+BLANK_LINES_SKIPPED = 8            # before a request line, as RFC 9112 asks a server to allow
+IDLE_SECONDS = 300                 # an idle keep-alive connection is closed after this long
+LINGER_SECONDS = 1                 # reading what a client still sends after its last answer, before closing
+LINGER_BYTES = 1024 * 1024
+WRITE_GRACE_SECONDS = 1            # a write past the request's --timeout may still take this long: its error
 QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot
 QUEUE_WAIT_SECONDS = 10
 BUSY_RETRY_SECONDS = 5
 SHUTDOWN_GRACE_SECONDS = 5
 KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room for spaces, controls or bytes above
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
 ROUTES = {"/health": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
@@ -2682,15 +2710,48 @@ def match_route(path: str) -> Tuple[Optional[str], str]:
 
 
 def host_allowed(host_header: Optional[str], config: Config) -> bool:
-    """Refuse DNS rebinding: on loopback, only loopback names (and --allowed-host)."""
+    """Refuse DNS rebinding: on loopback, only loopback names (and --allowed-host), read strictly,
+    so that `localhost:3456@evil.example` is not taken for localhost."""
     if not is_loopback(config.host) or not host_header:
         return True
-    name = host_header.strip().lower()
-    if name.startswith("["):           # [::1]:3456
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:         # localhost:3456
-        name = name.partition(":")[0]
+    host = HOST_HEADER.fullmatch(host_header.strip())
+    if host is None:
+        return False
+    name = host[1].strip("[]").lower()
     return is_loopback(name) or name in config.allowed_hosts
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """Client-given text as the log may show it: escaped, on one line, and short."""
+    return json.dumps(text[:limit])[1:-1]
+
+
+class ClientReads(io.RawIOBase):
+    """A connection's bytes, read so that each phase a client controls ends on time.
+
+    A socket timeout bounds each read, not a phase: a client sending its
+    headers a byte every 20 seconds would never be cut off. Each read here
+    is given only the time left in its phase, and raises socket.timeout
+    when there is none.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.deadline: Optional[float] = None  # of the phase under way; None while idle between requests
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = IDLE_SECONDS if self.deadline is None else self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+    def phase(self, seconds: Optional[float]):
+        """From now, reads must be done within `seconds`; None: idle, waiting for the next request."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -2720,6 +2781,27 @@ class ProxyServer(ThreadingHTTPServer):
                 self._handling -= 1
                 self._handling_done.notify_all()
 
+    def shutdown_request(self, request):
+        """Close a connection without losing its last answer: bytes left unread at close() make the
+        kernel reset the connection, and a reset can reach the client before it has read the answer
+        (a refused body, pipelined requests). So end our side, and read what still comes, briefly."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline, drained = time.monotonic() + LINGER_SECONDS, 0
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                request.settimeout(deadline - time.monotonic())
+                data = request.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def handle_error(self, request, client_address):
+        # A request's own errors are answered and logged by its handler: what comes here is a bug.
+        log.exception("internal error on a connection from %s", client_address[0])
+
     def server_bind(self):
         # HTTPServer.server_bind would look up the host's FQDN: a DNS query at every start.
         socketserver.TCPServer.server_bind(self)
@@ -2744,9 +2826,94 @@ class ProxyServer(ThreadingHTTPServer):
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"claude-max-proxy/{__version__}"
-    timeout = 300  # an idle keep-alive connection is closed after this long
     server: ProxyServer
-    headers = None  # until http.server has parsed them; its own errors may come first
+
+    # ── reading: the one place a request's head is taken in and checked ──
+    def setup(self):
+        super().setup()
+        self.reads = ClientReads(self.connection)
+        self.rfile = io.BufferedReader(self.reads)
+
+    def handle_one_request(self):
+        """Read one request and answer it. Whatever arrives gets an HTTP answer; one that cannot be
+        read as HTTP also ends the connection, which can no longer be trusted to frame the next."""
+        self.command, self.requestline, self.path, self.route_path, self.headers = "", "", "", "", None
+        self.request_version, self.declared_length = self.protocol_version, None
+        try:
+            if not self.read_head():
+                self.close_connection = True  # closed, or idle too long, between requests: nothing to answer
+                return
+        except ApiError as err:
+            self.begin_request()
+            self.close_connection = True
+            self.request_version = self.protocol_version  # whatever the request line said, answer in HTTP/1.1
+            self.send_api_error(err)
+            self.log_access()
+            return
+        self.handle_method()
+
+    def read_head(self) -> bool:
+        """Read the request line and headers, within --read-timeout of their first byte; False if none came."""
+        try:
+            self.reads.phase(None)
+            if not self.rfile.peek(1):
+                return False
+            self.reads.phase(self.server.config.read_timeout)
+            for _ in range(BLANK_LINES_SKIPPED):
+                self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                if self.raw_requestline not in (b"\r\n", b"\n"):
+                    break
+            if not self.raw_requestline.endswith(b"\n"):
+                if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                    raise ApiError(414, f"The request line is over {MAX_REQUEST_LINE} bytes.",
+                                   code="request_line_too_long")
+                return False  # the client left in the middle of it
+            self.parse_request()  # its errors come back through send_error, raised
+        except socket.timeout:
+            if self.reads.deadline is None:
+                return False
+            raise ApiError(408, "The request's headers did not arrive within --read-timeout "
+                                f"({self.server.config.read_timeout:g} s).", code="request_timeout") from None
+        except OSError:
+            return False
+        self.check_head()
+        return True
+
+    def check_head(self):
+        """What http.server lets through and this server cannot answer, or frame the next request after."""
+        if self.request_version == "HTTP/0.9":
+            raise ApiError(505, "HTTP/0.9 is not supported; send HTTP/1.1.", code="http_version_not_supported")
+        if not hasattr(self, "do_" + self.command):
+            raise ApiError(405, f"{self.command} is not supported; use {', '.join(METHODS)}.",
+                           code="method_not_allowed", headers=[("Allow", ", ".join(METHODS))])
+        if not REQUEST_TARGET.fullmatch(self.path):
+            raise ApiError(400, "The request target has spaces, control characters or non-ASCII bytes; "
+                                "percent-encode them.", code="invalid_request_target")
+        try:
+            self.route_path = urlsplit(self.path).path
+        except ValueError as exc:
+            raise ApiError(400, f"Invalid request target: {exc}.", code="invalid_request_target") from None
+        if len(self.headers.get_all("Host") or ()) > 1:
+            raise ApiError(400, "More than one Host header.", code="invalid_request")
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "Send the JSON body with a Content-Length header (chunked request "
+                                "bodies are not supported).", code="length_required")
+        lengths = {length.strip() for length in self.headers.get_all("Content-Length") or ()}
+        if lengths:
+            declared = lengths.pop()
+            if lengths or not declared.isdigit() or not declared.isascii():
+                raise ApiError(400, "Invalid Content-Length header.", code="invalid_request")
+            self.declared_length = int(declared) if len(declared) <= 10 else MAX_BODY_BYTES + 1
+            if self.declared_length > MAX_BODY_BYTES:
+                raise ApiError(413, f"The request body is over the limit of {MAX_BODY_BYTES} bytes.",
+                               code="request_too_large")
+            if self.declared_length and self.command != "POST":
+                self.close_connection = True  # no route reads it: it must not be taken for the next request
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own findings (a bad request line or version, headers too long), as ApiError."""
+        raise ApiError(code, message or self.responses.get(code, ("Bad request",))[0] + ".",
+                       code="http_version_not_supported" if code == 505 else "bad_request")
 
     # ── dispatch ──
     def do_GET(self):
@@ -2786,7 +2953,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.log_access()
 
     def route(self):
-        route, item = match_route(urlsplit(self.path).path)
+        route, item = match_route(self.route_path)
         if not host_allowed(self.headers.get("Host"), self.server.config):
             raise ApiError(403, f"Host '{self.headers.get('Host')}' is not allowed; start the proxy "
                                 "with --allowed-host NAME to accept it.", code="host_not_allowed")
@@ -2800,11 +2967,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.check_api_key()
         if route is None:
             routes = ", ".join(f"{'/'.join(methods)} {route}" for route, methods in ROUTES.items())
-            raise ApiError(404, f"Unknown route {self.command} {self.path}; this server has {routes}.",
+            raise ApiError(404, f"Unknown route {self.command} {self.route_path}; this server has {routes}.",
                            code="unknown_route")
         if self.command not in ROUTES[route]:
             allowed = ", ".join(ROUTES[route])
-            raise ApiError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; use {allowed}.",
+            raise ApiError(405, f"{self.command} is not allowed on {self.route_path}; use {allowed}.",
                            code="method_not_allowed", headers=[("Allow", allowed)])
         if route == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
@@ -2845,20 +3012,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            headers=[("WWW-Authenticate", "Bearer")])
 
     def read_json(self) -> object:
-        declared = self.headers.get("Content-Length")
-        if declared is None:
+        """The body, within --read-timeout, parsed; check_head has checked its length."""
+        length = self.declared_length
+        if length is None:
             self.close_connection = True
-            raise ApiError(411, "Send the JSON body with a Content-Length header (chunked request "
-                                "bodies are not supported).", code="length_required")
-        length = int(declared) if re.fullmatch(r"[0-9]+", declared.strip()) else -1
-        if length < 0:
+            raise ApiError(411, "Send the JSON body with a Content-Length header.", code="length_required")
+        self.reads.phase(self.server.config.read_timeout)
+        try:
+            raw = self.rfile.read(length)
+        except socket.timeout:
             self.close_connection = True
-            raise ApiError(400, "Invalid Content-Length header.", code="invalid_request")
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ApiError(413, f"The request body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
-                           code="request_too_large")
-        raw = self.rfile.read(length)
+            raise ApiError(408, f"The request body did not arrive within --read-timeout "
+                                f"({self.server.config.read_timeout:g} s).", code="request_timeout") from None
+        except OSError:
+            raise ClientGone() from None
+        if len(raw) < length:
+            raise ClientGone()  # it left in the middle of its body
         self.body_read, self.body_length = True, length
         try:
             return json.loads(raw)
@@ -2974,8 +3143,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
+            self.limit_writes()
             self.end_headers()
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             raise ClientGone() from None
 
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
@@ -3001,19 +3171,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_json(err.status, err.body(), err.headers)
         except ClientGone:
             self.close_connection = True
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, unknown method) in OpenAI's envelope."""
-        self.begin_request()
-        self.close_connection = True
-        if code == 501:  # a method we have no do_* for
-            err = ApiError(405, f"{self.command} is not supported; use {', '.join(METHODS)}.",
-                           code="method_not_allowed", headers=[("Allow", ", ".join(METHODS))])
-        else:
-            err = ApiError(code, message or self.responses.get(code, ("Bad request",))[0] + ".",
-                           code="bad_request")
-        self.send_api_error(err)
-        self.log_access()
 
     def send_preflight(self):
         origin = self.headers.get("Origin")
@@ -3052,22 +3209,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def write(self, data: bytes):
-        # No flush(): StreamRequestHandler.wbufsize is 0, so each write() is a sendall().
+        """Send data, or raise ClientGone if the client has left or stopped reading (limit_writes)."""
         try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+            self.limit_writes()
+            self.connection.sendall(data)
+        except OSError:  # socket.timeout too
             raise ClientGone() from None
+
+    def limit_writes(self):
+        """Give each write only what is left of the request's --timeout (a socket timeout bounds a
+        sendall as a whole): a client that stops reading must not hold its CLI and slot past it."""
+        left = self.started + self.server.config.timeout - time.monotonic()
+        self.connection.settimeout(max(left, WRITE_GRACE_SECONDS))
 
     # ── logging: one line a request, never prompt or completion text ──
     def log_access(self):
         usage = self.log_usage
         tokens = f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-"
-        log.info("%s %s %s model=%s tokens=%s served=%s %.3fs id=%s", self.command, urlsplit(self.path).path,
-                 self.status, self.log_model, tokens, self.log_served, time.monotonic() - self.started,
+        log.info("%s %s %s model=%s tokens=%s served=%s %.3fs id=%s", one_line(self.command or "-"),
+                 one_line(self.route_path or self.path or "-"), self.status, self.log_model, tokens, self.log_served, time.monotonic() - self.started,
                  self.request_id)
 
     def log_message(self, format, *args):
-        log.debug("%s " + format, self.address_string(), *args)
+        log.debug("%s %s", self.address_string(), one_line(format % args, limit=1000))
 
 
 # ── 9. main ─────────────────────────────────────────────────────────────────

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -673,6 +674,11 @@ def answer():
         deltas("late")
         end()
         result("late")
+    elif SCENARIO == "flood":  # an answer without end, for a client that does not read it
+        message_start()
+        block()
+        while True:
+            deltas("x" * 60000)
     elif SCENARIO == "hang":  # never answers
         message_start()
         while next_line() is not None:
@@ -1712,6 +1718,13 @@ def test_rate_limit_retry_after_comes_from_the_subscription_window():
     assert ("Retry-After", "120") in caught.value.headers
 
 
+def test_rate_limit_retry_after_is_the_clis_own_wait_without_a_window():
+    retry = {"type": "system", "subtype": "api_retry", "attempt": 1, "retry_delay_ms": 2000, "error_status": 429}
+    with pytest.raises(ApiError) as caught:
+        translate([retry, *failure("Request rejected (429)", 429, "rate_limit")])
+    assert ("Retry-After", "2") in caught.value.headers
+
+
 def test_not_logged_in_says_how_to_log_in():
     with pytest.raises(ApiError) as caught:
         translate(failure("Not logged in · Please run /login", None, "authentication_failed"))
@@ -2212,13 +2225,111 @@ def raw_exchange(port: int, request: bytes) -> bytes:
         return sock.makefile("rb").read()
 
 
-def test_malformed_requests_get_json_errors(client):
-    # A bare request line is HTTP/0.9, whose answer has no status line: only the body.
-    assert json.loads(raw_exchange(client.port, b"GARBAGE\r\n\r\n"))["error"]["code"] == "bad_request"
-    many_headers = b"".join(b"X-%d: y\r\n" % i for i in range(101))
-    head, _, body = raw_exchange(client.port, b"GET /health HTTP/1.1\r\n" + many_headers + b"\r\n").partition(
-        b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431") and json.loads(body)["error"]["code"] == "bad_request"
+def parsed_answer(answer: bytes) -> tuple:
+    """(status, headers, JSON body) of one whole HTTP/1.1 answer, checked for its framing."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, status, _ = status_line.split(" ", 2)
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines)}
+    assert version == "HTTP/1.1" and len(body) == int(headers["content-length"]), answer
+    return int(status), headers, json.loads(body)
+
+
+MANY_HEADERS = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /health\r\n\r\n", 505),                                # HTTP/0.9
+    (b"GET /health HTTP/2.0\r\n\r\n", 505),
+    (b"GET /health http/1.1\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1 extra\r\n\r\n", 400),
+    (b"GET http://[/v1/models HTTP/1.1\r\n\r\n", 400),
+    (b"GET /v1/\x1b[31mmodels HTTP/1.1\r\n\r\n", 400),
+    (b"GET /v1/mod\xe9ls HTTP/1.1\r\n\r\n", 400),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"BREW /v1/models HTTP/1.1\r\n\r\n", 405),
+    (b"GET /health HTTP/1.1\r\n" + MANY_HEADERS + b"\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n\r\n", 400),
+    (CHAT_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+    (CHAT_HEAD + b"Content-Length: -1\r\n\r\n", 400),
+    (CHAT_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400),
+    (CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411),
+    (CHAT_HEAD + b"\r\n", 411),
+])
+def test_malformed_http_gets_an_http_answer_and_a_closed_connection(client, request_bytes, status):
+    answer = raw_exchange(client.port, request_bytes)
+    assert parsed_answer(answer)[0] == status, answer[:300]
+    got_status, headers, body = parsed_answer(answer)
+    assert headers["connection"] == "close" and set(body["error"]) == {"message", "type", "param", "code"}
+    assert client.call("GET", "/health").status == 200
+
+
+def test_blank_lines_before_a_request_are_skipped(client):
+    assert parsed_answer(raw_exchange(client.port, b"\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n"))[0] == 200
+
+
+@pytest.mark.parametrize("head", [b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: 123456789",
+                                  CHAT_HEAD + b"Content-Length: 50\r\n\r\n{\"model\": \"sonnet\", \"mess"])
+def test_a_client_trickling_its_headers_or_body_gets_a_408_on_time(start_proxy, head):
+    client = start_proxy(read_timeout=0.6)
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        started = time.monotonic()
+        sock.sendall(head[:-10])
+        try:
+            for byte in head[-10:]:  # a byte every 0.1 s: each read is quick, the phase is not
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass  # the proxy has answered and closed
+        answer = sock.makefile("rb").read()
+    assert parsed_answer(answer)[2]["error"]["code"] == "request_timeout"
+    assert 0.6 <= time.monotonic() - started < 3
+
+
+def test_a_client_that_stops_reading_its_stream_loses_its_cli_within_timeout(start_proxy, fake):
+    fake.play("flood")
+    client = start_proxy(timeout=1.5, spares=0)
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        body = json.dumps({"model": "sonnet", "stream": True, "messages": [USER]}).encode()
+        sock.sendall(CHAT_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        started = time.monotonic()  # and never read: the socket's buffers fill, and the proxy's writes stall
+        assert wait_until(lambda: fake.log())
+        [cli] = pids(fake)
+        assert wait_until(lambda: not pid_alive(cli), timeout=10)
+        assert time.monotonic() - started < 1.5 + 3
+        assert wait_until(lambda: client.server.pool.counts()["running"] == 0 and client.server.gate.running == 0)
+
+
+def test_a_client_that_resets_mid_body_is_logged_in_one_line_without_a_traceback(client, caplog):
+    import struct
+    caplog.set_level("INFO", logger="claude-max-proxy")
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        sock.sendall(CHAT_HEAD + b"Content-Length: 100\r\n\r\n{\"model\": ")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends a reset
+    assert wait_until(lambda: any(" 499 " in r.getMessage() for r in caplog.records))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+def test_control_characters_from_a_request_never_reach_the_log_raw(client, caplog):
+    caplog.set_level("DEBUG", logger="claude-max-proxy")
+    raw_exchange(client.port, b"G\x1bT /v1/\x1b]0;owned\x07 HTTP/1.1\r\n\r\n")
+    raw_exchange(client.port, b"GET /v1/models/%1b%5b31m HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert wait_until(lambda: len([r for r in caplog.records if " id=" in r.getMessage()]) >= 2)
+    assert not any(char in record.getMessage() for record in caplog.records for char in "\x1b\x07")
+
+
+def test_an_idle_connection_between_requests_is_not_timed_out_by_read_timeout(start_proxy):
+    client = start_proxy(read_timeout=0.2)
+    conn = client.connect()
+    conn.request("GET", "/health")
+    assert conn.getresponse().read()
+    time.sleep(0.5)  # idle, which is --read-timeout's business only once a request has begun
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
 
 
 def test_an_error_before_the_body_is_read_does_not_poison_the_connection(client):
@@ -2320,6 +2431,8 @@ def test_cors_preflight_for_named_origins(start_proxy):
 @pytest.mark.parametrize("host, allowed", [
     ("localhost:3456", True), ("127.0.0.1", True), ("[::1]:3456", True), ("app.localhost", True),
     ("evil.example", False), ("evil.example:3456", False), ("192.168.1.5", False),
+    ("localhost:3456@evil.example", False), ("localhost:evil.example", False), ("localhost:3456:1", False),
+    ("[::1]evil.example", False), ("localhost/evil", False), ("127.0.0.1 evil.example", False),
 ])
 def test_dns_rebinding_hosts_are_refused_on_loopback(host, allowed):
     assert cmp.host_allowed(host, Config()) is allowed
@@ -3047,11 +3160,11 @@ def test_real_cli_retries_are_bounded(start_real_proxy, upstream):
     assert len(upstream.posts) == 2
 
 
-def test_real_rate_limit_is_429_with_retry_after(start_real_proxy, upstream):
+def test_real_rate_limit_is_429_with_the_upstreams_retry_after(start_real_proxy, upstream):
     upstream.default = fail(429, "rate_limit_error", "Number of request tokens has exceeded your limit",
-                            [("retry-after", "1")])
-    reply = start_real_proxy(max_retries=0).chat()
-    assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+                            [("retry-after", "2")])
+    reply = start_real_proxy(max_retries=1).chat()  # the CLI waits out the retry-after once, then gives up
+    assert reply.status == 429 and reply.headers["retry-after"] == "2"
     assert reply.error["type"] == "rate_limit_error" and "exceeded your limit" in reply.error["message"]
 
 

@@ -281,6 +281,10 @@ NOT_IN_TOOL_USE_IDS = re.compile(r"[^A-Za-z0-9_-]")  # Claude's tool_use ids hav
 NO_PARAMETERS = {"type": "object", "properties": {}}
 JSON_OBJECT_SCHEMA = {"type": "object"}
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for a response_format (PROTOCOL.md §6.4)
+# Deeper JSON is refused on the way in: the parser takes about a thousand
+# levels, but copying, comparing and writing a body for the CLI recurse too,
+# and must never meet a limit the parser let through.
+MAX_NESTING = 100
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,22 @@ class ChatRequest:
         if any(block["type"] == "tool_result" for block in self.prompt.content):
             return replace(self.launch, thinking=False)
         return self.launch
+
+
+def check_nesting(value: object, where: str = "") -> None:
+    """Refuse JSON that nests deeper than MAX_NESTING, naming where: checked without recursing."""
+    containers = [(value, where, 0)] if isinstance(value, (dict, list)) else []
+    while containers:
+        item, path, depth = containers.pop()
+        if depth > MAX_NESTING:
+            shown = path if len(path) <= 120 else path[:60] + "…" + path[-60:]
+            raise ApiError(400, f"'{shown}' nests deeper than {MAX_NESTING} levels.", param=shown or None,
+                           code="nested_too_deeply")
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if isinstance(child, (dict, list)):
+                name = f"{path}[{key}]" if isinstance(item, list) else f"{path}.{key}" if path else str(key)
+                containers.append((child, name, depth + 1))
 
 
 def parse_chat_request(body: object) -> ChatRequest:
@@ -669,11 +689,12 @@ def _assistant_blocks(message: dict, where: str, calls: "OpenToolCalls") -> list
         arguments = function.get("arguments") or "{}"
         try:
             tool_input = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
+        except (ValueError, RecursionError):
             tool_input = None
         if not isinstance(tool_input, dict):
             raise ApiError(400, f"{here}.function.arguments must be a JSON object.",
                            param=f"{here}.function.arguments")
+        check_nesting(tool_input, f"{here}.function.arguments")
         blocks.append({"type": "tool_use", "id": calls.add(call["id"], here), "name": function["name"],
                        "input": tool_input})
     return blocks
@@ -1160,8 +1181,12 @@ class ClaudeProcess:
         except OSError as exc:
             self._cleanup()
             raise ApiError(502, f"Could not start the Claude Code CLI: {exc}", code="cli_failed") from None
-        threading.Thread(target=self._read_stdout, name=f"cli-out-{self.popen.pid}", daemon=True).start()
-        threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
+        try:
+            threading.Thread(target=self._read_stdout, name=f"cli-out-{self.popen.pid}", daemon=True).start()
+            threading.Thread(target=self._write_stdin, name=f"cli-in-{self.popen.pid}", daemon=True).start()
+        except BaseException:  # no thread to spare: the child must not outlive this
+            self.close()
+            raise
 
     def initialize(self, session: SessionSettings):
         with self._tool_server:
@@ -1619,8 +1644,12 @@ class ProcessPool:
         self._stop(unusable)
         if cli is None:
             cli, served = self._start(launch, for_request=True), "cold"
-        if cli.session_key is None:
-            cli.initialize(request.session)
+        try:
+            if cli.session_key is None:
+                cli.initialize(request.session)
+        except BaseException:
+            self._retire(cli, handed_back=False)
+            raise
         return Lease(cli, served, given, hold_calls, lambda: self._put_back(cli, request, tenant))
 
     def _kept_for(self, request: ChatRequest, tenant: str, turns, texts, labels) -> tuple:
@@ -1682,14 +1711,19 @@ class ProcessPool:
     def _start(self, launch: LaunchSettings, for_request: bool,
                session: Optional[SessionSettings] = None) -> Optional[ClaudeProcess]:
         """Start a CLI for a request (which then has it) or as a spare, given a session ahead if
-        `session`; None if the pool closed meanwhile."""
+        `session`; None if the pool closed meanwhile. Counted from before it is spawned, and stopped
+        whatever goes wrong after."""
+        cli = None
         try:
             cli = ClaudeProcess(self.config, launch)
             if session is not None:
                 cli.initialize(session)
-        except ApiError:
+        except BaseException:
             with self._lock:
                 self._starting -= 1
+                self._closing += cli is not None
+            if cli is not None:
+                self._stop([cli])
             raise
         with self._lock:
             self._starting -= 1
@@ -1775,6 +1809,8 @@ class ProcessPool:
                     self._start(spare.launch, for_request=False, session=spare.session)
                 except ApiError as err:
                     log.warning("could not start a spare CLI: %s", err.message)
+                except Exception:  # a bug: the keeper must go on keeping
+                    log.exception("could not start a spare CLI")
 
     def _expired(self) -> List[ClaudeProcess]:
         now, binary = time.monotonic(), binary_identity(self.config.claude)
@@ -1962,7 +1998,7 @@ def answer_turn(end: TurnEnd) -> Optional[Turn]:
     for call in end.tool_calls:
         try:
             arguments = json.loads(call.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(arguments, dict):
             return None
@@ -3077,6 +3113,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── one turn of the CLI, for either API ──
     def read_body(self) -> object:
         body = self.read_json()
+        check_nesting(body)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
         return body

@@ -2358,6 +2358,62 @@ def test_non_ascii_content_length_is_a_400(client):
     assert head == b"HTTP/1.1 400 Bad Request"
 
 
+def deep_json(depth: int) -> str:
+    """JSON nested `depth` levels, as text: json.dumps would recurse past its own limit first."""
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def body_with(body: dict, deep: str) -> bytes:
+    """body, with the string "DEEP" in it replaced by raw JSON."""
+    return json.dumps(body).replace('"DEEP"', deep).encode()
+
+
+CHAT = {"model": "sonnet", "messages": [USER]}
+FUNCTION = {"type": "function", "function": {"name": "f", "parameters": "DEEP"}}
+DEEP_BODIES = {
+    "response_format.json_schema.schema": ("/v1/chat/completions", {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": "DEEP"}}}),
+    "tools[0].function.parameters": ("/v1/chat/completions", {**CHAT, "tools": [FUNCTION]}),
+    "metadata": ("/v1/responses", {"model": "sonnet", "input": "hi", "metadata": "DEEP"}),
+    "tools[0].filters": ("/v1/responses", {"model": "sonnet", "input": "hi", "tools": [
+        {"type": "web_search", "filters": "DEEP"}]}),
+}
+
+
+@pytest.mark.parametrize("depth", [cmp.MAX_NESTING + 1, 900])  # 900: just under the parser's limit
+@pytest.mark.parametrize("where", DEEP_BODIES)
+def test_deep_json_is_a_400_naming_where_and_starts_no_cli(start_proxy, fake, where, depth):
+    client = start_proxy(spares=0)
+    path, body = DEEP_BODIES[where]
+    reply = client.call("POST", path, raw=body_with(body, deep_json(depth)))
+    assert (reply.status, reply.error["code"]) == (400, "nested_too_deeply")
+    assert reply.error["param"].startswith(where)
+    assert fake.log() == [] and client.server.pool.counts()["running"] == 0
+
+
+def test_deep_json_in_a_tool_calls_arguments_is_a_400(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": deep_json(150)}}
+    reply = client.chat(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": "call_1", "content": "ok"}])
+    assert reply.status == 400 and reply.error["param"].startswith("messages[1].tool_calls[0].function.arguments")
+
+
+def test_json_as_deep_as_allowed_is_served(client):
+    reply = client.call("POST", "/v1/chat/completions", raw=body_with({**CHAT, "tools": [FUNCTION]}, deep_json(90)))
+    assert reply.status == 200
+
+
+def test_a_cli_whose_start_fails_after_it_was_spawned_is_stopped_and_uncounted(start_proxy, fake, monkeypatch):
+    def broken(session):
+        raise RuntimeError("a bug after the spawn")
+    monkeypatch.setattr(cmp, "initialize_line", broken)
+    client = start_proxy(spares=0)
+    assert client.chat().status == 500
+    assert wait_until(lambda: fake.log())
+    assert wait_until(lambda: not any(pid_alive(pid) for pid in pids(fake)))
+    assert client.server.pool.counts() == {"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8}
+
+
 def test_a_finished_turn_lets_the_cli_exit_by_itself_and_leaves_nothing(start_proxy, fake):
     before = set(Path(tempfile.gettempdir()).glob("claude-max-proxy-*"))
     client = start_proxy(conversations=0, spares=0)  # nothing kept: the turn's CLI is stopped at its end

@@ -2624,10 +2624,12 @@ LINGER_BYTES = 1024 * 1024
 WRITE_GRACE_SECONDS = 1            # a write past the request's --timeout may still take this long: its error
 QUEUE_LENGTH = 8                   # requests that may wait for a free CLI slot
 QUEUE_WAIT_SECONDS = 10
+CLIENT_CHECK_SECONDS = 0.05        # how often a queued request looks whether its client is still there
 BUSY_RETRY_SECONDS = 5
 SHUTDOWN_GRACE_SECONDS = 5
 KEEPALIVE_SECONDS = 10             # silence before a `: keep-alive` comment
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PEER_CLOSED = getattr(select, "POLLRDHUP", 0)  # Linux only
 REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room for spaces, controls or bytes above
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
@@ -2650,7 +2652,8 @@ def turn_end(events: Iterator) -> TurnEnd:
 
 
 class AdmissionGate:
-    """Lets `limit` requests run; a few more wait briefly; the rest get 429."""
+    """Lets `limit` requests run; a few more wait briefly; the rest get 429.
+    A waiting request whose client leaves gives up its place at once."""
 
     def __init__(self, limit: int, queue_length: int, wait: float):
         self.limit, self.queue_length, self.wait = limit, queue_length, wait
@@ -2658,15 +2661,21 @@ class AdmissionGate:
         self._cond = threading.Condition()
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self, client_gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
         with self._cond:
             if self.running >= self.limit:
                 if self.waiting >= self.queue_length:
                     raise self._busy()
                 self.waiting += 1
                 try:
-                    if not self._cond.wait_for(lambda: self.running < self.limit, self.wait):
-                        raise self._busy()
+                    deadline = time.monotonic() + self.wait
+                    while self.running >= self.limit:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self._busy()
+                        self._cond.wait(min(left, CLIENT_CHECK_SECONDS))
+                        if client_gone():
+                            raise ClientGone()
                 finally:
                     self.waiting -= 1
             self.running += 1
@@ -3072,12 +3081,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(400, f"The request body is not valid JSON: {detail}.", code="invalid_json") from None
 
     def client_gone(self) -> bool:
+        """Whether the client has closed its connection (or its sending half), or it broke.
+
+        Linux says so with POLLRDHUP even when bytes it sent wait unread (a
+        pipelined request); elsewhere only once they have been read.
+        """
         # poll(), not select(): select() fails on descriptors above 1023.
         poller = select.poll()
-        poller.register(self.connection, select.POLLIN)
+        poller.register(self.connection, select.POLLIN | PEER_CLOSED)
         try:
-            if not poller.poll(0):
+            ready = poller.poll(0)
+            if not ready:
                 return False
+            if ready[0][1] & (PEER_CLOSED | select.POLLHUP | select.POLLERR):
+                return True
             return self.connection.recv(1, socket.MSG_PEEK) == b""  # readable and empty: closed
         except OSError:
             return True
@@ -3130,6 +3147,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise shutting_down() from None
             raise
 
+    def lease(self, request: ChatRequest):
+        if self.client_gone():  # it left while its request waited: no CLI for it
+            raise ClientGone()
+        return self.server.pool.lease(request, self.tenant())
+
     def tenant(self) -> str:
         """Whose conversations this request may go on with: those of requests with the same key, or none."""
         key = self.headers.get("Authorization") or self.headers.get("x-api-key") or ""
@@ -3138,7 +3160,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_reply(self, request: ChatRequest, at_end: Callable[[], None] = lambda: None):
         """Answer with the turn, streamed or as one body; at_end runs before the client hears the end,
         so that a client's next request finds what at_end kept."""
-        with self.server.gate.slot(), self.server.pool.lease(request, self.tenant()) as lease, \
+        with self.server.gate.slot(self.client_gone), self.lease(request) as lease, \
                 closing(self.answer(lease, request)) as events:
             self.log_served = lease.served
             if not request.stream:

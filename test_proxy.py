@@ -674,6 +674,19 @@ def answer():
         deltas("late")
         end()
         result("late")
+    elif SCENARIO == "token_then_hang":
+        message_start()
+        block()
+        deltas("first")
+        while next_line() is not None:
+            pass
+    elif SCENARIO == "call_then_hang":  # in the middle of writing a tool call's arguments
+        message_start()
+        event({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}})
+        event({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"ci'}})
+        while next_line() is not None:
+            pass
     elif SCENARIO == "flood":  # an answer without end, for a client that does not read it
         message_start()
         block()
@@ -2094,6 +2107,74 @@ def test_request_timeout_is_504_and_stops_the_cli(start_proxy, fake):
     reply = proxy.chat()
     assert (reply.status, reply.error["code"]) == (504, "timeout")
     assert wait_until(lambda: proxy.server.pool.running() == [])
+
+
+def idle_counts() -> tuple:
+    """This process's children, threads and open descriptors: what a proxy holds returns to these."""
+    return len(find_children(os.getpid())), threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("moment", ["before the first token", "after the first token", "mid tool call",
+                                    "with bytes unread"])
+def test_disconnects_stop_the_cli_within_a_second_and_leave_nothing(start_proxy, fake, moment):
+    fake.play({"after the first token": "token_then_hang", "mid tool call": "call_then_hang"}.get(moment, "hang"))
+    client = start_proxy(spares=0)
+    idle = idle_counts()
+    body = json.dumps({"model": "sonnet", "messages": [USER], "stream": True, "tools": [WEATHER_TOOL]}).encode()
+    sock = socket.create_connection(("127.0.0.1", client.port))
+    # More than the proxy reads ahead, so some stay in the socket.
+    pipelined = CHAT_HEAD + b"Content-Length: 100000\r\n\r\n" + b" " * 100000 if moment == "with bytes unread" else b""
+    sock.sendall(CHAT_HEAD + b"Content-Length: %d\r\n\r\n%s%s" % (len(body), body, pipelined))
+    if moment in ("after the first token", "mid tool call"):
+        seen = b""
+        while b'"content": "first"' not in seen and b'"arguments": "{\\"ci"' not in seen:
+            seen += sock.recv(65536)
+    assert wait_until(lambda: len(client.server.pool.running()) == 1)
+    [process] = client.server.pool.running()
+    sock.close()
+    gone_at = time.monotonic()
+    assert wait_until(lambda: not pid_alive(process.popen.pid), timeout=1.0)
+    assert time.monotonic() - gone_at < 1.0
+    assert wait_until(lambda: client.server.pool.counts()["running"] == 0 and idle_counts() <= idle), idle_counts()
+
+
+def test_a_client_that_leaves_mid_body_starts_no_cli(start_proxy, fake):
+    client = start_proxy(spares=0)
+    idle = idle_counts()
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        sock.sendall(CHAT_HEAD + b"Content-Length: 100\r\n\r\n{\"model\": ")
+    assert wait_until(lambda: idle_counts() <= idle)
+    assert fake.log() == [] and client.server.gate.running == 0
+
+
+def test_clients_that_leave_the_queue_give_up_their_places_at_once(start_proxy, fake, monkeypatch):
+    monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 30)
+    fake.play("hold")
+    client = start_proxy(max_concurrency=1, spares=0)
+    holder = threading.Thread(target=client.chat)
+    holder.start()
+    assert wait_until(lambda: len(client.server.pool.running()) == 1)
+    body = json.dumps({"model": "sonnet", "messages": [USER]}).encode()
+    leaving = [socket.create_connection(("127.0.0.1", client.port)) for _ in range(cmp.QUEUE_LENGTH)]
+    for sock in leaving:
+        sock.sendall(CHAT_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(lambda: client.server.gate.waiting == cmp.QUEUE_LENGTH)
+    for sock in leaving:
+        sock.close()
+    assert wait_until(lambda: client.server.gate.waiting == 0, timeout=1.0)
+    queued = threading.Thread(target=lambda: replies.append(client.chat()))
+    replies = []
+    queued.start()  # has a place in the queue, where the clients that left held them all
+    assert wait_until(lambda: client.server.gate.waiting == 1)
+    fake.release()
+    holder.join(20)
+    queued.join(20)
+    assert [reply.status for reply in replies] == [200]
+    assert len(pids(fake)) == 2  # the holder's CLI and the queued one's: none for the clients that left
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -7,7 +7,7 @@ CLI = $(CLI_DIR)/node_modules/.bin/claude
 AGENT = $(HOME)/Library/LaunchAgents/com.claude-max-api.plist
 LAUNCHCTL = launchctl
 
-.PHONY: run test cli bench install-launchagent uninstall-launchagent
+.PHONY: run test cli bench fuzz install-launchagent uninstall-launchagent
 
 run:
 	$(PYTHON) claude_max_proxy.py
@@ -21,6 +21,11 @@ cli: $(CLI)
 # Time to first token through the proxy next to the bare CLI, on a fake upstream.
 bench: $(CLI)
 	$(PYTHON) .ci/bench.py
+
+# Thousands of mutated requests, four connections at a time, against the fake CLI:
+# FUZZ_CASES=N sets how many, FUZZ_SEED=S replays a run (make test runs 300).
+fuzz:
+	FUZZ_MANY=1 $(PYTHON) -m pytest -q -s test_proxy.py -k test_http_fuzz_many
 
 # npm may skip the package's install script, which puts the platform binary in
 # place of a small stub; copy the binary from the platform package ourselves.

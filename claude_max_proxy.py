@@ -850,9 +850,9 @@ def chat_body_from_responses(body: object, earlier: Sequence[dict] = ()) -> Tupl
         chat["response_format"] = text_format
     functions = _flat_functions(_optional(body, "tools", (list,), []), "tools")
     if functions:
-        chat["tools"] = [{"type": "function", "function": function} for _, function in functions]
-        names.update({f"tools[{k}].function": where for k, (where, _) in enumerate(functions)})
-        names.update({f"tools[{k}]": where for k, (where, _) in enumerate(functions)})
+        chat["tools"] = [{"type": "function", "function": function} for _, function, _ in functions]
+        names.update({f"tools[{k}].function": where for k, (where, _, _) in enumerate(functions)})
+        names.update({f"tools[{k}]": where for k, (where, _, _) in enumerate(functions)})
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
     return chat, new, names
@@ -876,26 +876,23 @@ def _type_of(thing: object) -> Optional[str]:
     return thing.get("type") if isinstance(thing, dict) else None
 
 
-def _flat_functions(tools: list, where: str) -> List[Tuple[str, dict]]:
-    """Each function, at any depth of namespaces, as a chat function, with where it was given."""
+def _flat_functions(tools: list, where: str, namespace: Optional[str] = None) -> List[Tuple[str, dict, Optional[str]]]:
+    """Each function, at any depth of namespaces, as a chat function, with where it was given and its namespace."""
     functions = []
     for i, tool in enumerate(tools):
-        if _type_of(tool) == "namespace" and isinstance(tool.get("tools"), list):
-            functions += _flat_functions(tool["tools"], f"{where}[{i}].tools")
+        here = f"{where}[{i}]"
+        if _type_of(tool) == "namespace":
+            inner = _optional(tool, "tools", (list,), [], param=f"{here}.tools")
+            name = _optional(tool, "name", (str,), None, param=f"{here}.name")
+            functions += _flat_functions(inner, f"{here}.tools", name)
         elif _type_of(tool) == "function":
-            functions.append((f"{where}[{i}]", {key: value for key, value in tool.items() if key != "type"}))
+            functions.append((here, {key: value for key, value in tool.items() if key != "type"}, namespace))
     return functions
 
 
-def namespaces_of(tools: object) -> Dict[str, str]:
-    """Each function's namespace, for the calls that come back."""
-    namespaces = {}
-    for tool in tools if isinstance(tools, list) else []:
-        if _type_of(tool) == "namespace":
-            for function in tool.get("tools") or []:
-                if isinstance(function, dict):
-                    namespaces[function.get("name")] = tool.get("name")
-    return namespaces
+def namespaces_of(tools: list) -> Dict[str, str]:
+    """Each function's namespace, for the calls that come back; `tools` as parse_responses_request checked them."""
+    return {function["name"]: namespace for _, function, namespace in _flat_functions(tools, "tools") if namespace}
 
 
 def _chat_tool_choice(choice: object) -> object:
@@ -2802,6 +2799,7 @@ class ClientReads(io.RawIOBase):
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 resets clients that connect together, as agents' tool calls do
 
     def __init__(self, config: Config, cli_version: str):
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -2812,19 +2810,23 @@ class ProxyServer(ThreadingHTTPServer):
         self.stored = ResponseStore()
         self.stopping = threading.Event()
         self.pool = ProcessPool(config, self.stopping)
-        self._handling = 0  # requests between their first byte and their log line
+        # Requests under way: from a connection's accept, or a kept-alive one's next first byte, to
+        # the request's log line. Shutdown waits for them: none is cut off unanswered.
+        self._handling = 0
         self._handling_done = threading.Condition()
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
+    def request_began(self):
         with self._handling_done:
             self._handling += 1
-        try:
-            yield
-        finally:
-            with self._handling_done:
-                self._handling -= 1
-                self._handling_done.notify_all()
+
+    def request_ended(self):
+        with self._handling_done:
+            self._handling -= 1
+            self._handling_done.notify_all()
+
+    def process_request(self, request, client_address):
+        self.request_began()  # the connection's first request, before its thread runs
+        super().process_request(request, client_address)
 
     def shutdown_request(self, request):
         """Close a connection without losing its last answer: bytes left unread at close() make the
@@ -2853,15 +2855,21 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def drain_and_close(self):
-        """Stop taking requests, give in-flight ones a grace period, then stop every child."""
+        """Stop serving: requests in flight get a grace period, then every child is stopped. Until
+        then serve_forever() goes on accepting, so that a request that came just now gets a 503,
+        not a reset."""
         self.stopping.set()
-        self.server_close()
         self.pool.close()
         if not self._wait_handled(SHUTDOWN_GRACE_SECONDS):
             log.warning("stopping %d unfinished request(s)", len(self.pool.running()))
-        for process in self.pool.running():
-            process.close()
+        stopping = [threading.Thread(target=process.close, name="cli-stop") for process in self.pool.running()]
+        for thread in stopping:  # together: each may take its EXIT_GRACE_SECONDS
+            thread.start()
+        for thread in stopping:
+            thread.join()
         self._wait_handled(SHUTDOWN_GRACE_SECONDS)  # they answer 503 and end
+        self.shutdown()
+        self.server_close()
 
     def _wait_handled(self, timeout: float) -> bool:
         with self._handling_done:
@@ -2879,14 +2887,38 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reads = ClientReads(self.connection)
         self.rfile = io.BufferedReader(self.reads)
 
+    def handle(self):
+        self.kept_alive = False
+        super().handle()
+
     def handle_one_request(self):
         """Read one request and answer it. Whatever arrives gets an HTTP answer; one that cannot be
         read as HTTP also ends the connection, which can no longer be trusted to frame the next."""
+        if self.kept_alive:
+            if not self.next_request_comes():
+                self.close_connection = True
+                return
+            self.server.request_began()
+        self.kept_alive = True
+        try:
+            self.serve_one_request()
+        finally:
+            self.server.request_ended()
+
+    def next_request_comes(self) -> bool:
+        """Wait, idle, for a request's first byte; False if the connection closed or idled out first."""
+        self.reads.phase(None)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:  # socket.timeout too
+            return False
+
+    def serve_one_request(self):
         self.command, self.requestline, self.path, self.route_path, self.headers = "", "", "", "", None
         self.request_version, self.declared_length = self.protocol_version, None
         try:
             if not self.read_head():
-                self.close_connection = True  # closed, or idle too long, between requests: nothing to answer
+                self.close_connection = True  # closed, or left in the middle of its head: nothing to answer
                 return
         except ApiError as err:
             self.begin_request()
@@ -2900,7 +2932,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def read_head(self) -> bool:
         """Read the request line and headers, within --read-timeout of their first byte; False if none came."""
         try:
-            self.reads.phase(None)
             if not self.rfile.peek(1):
                 return False
             self.reads.phase(self.server.config.read_timeout)
@@ -2915,7 +2946,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return False  # the client left in the middle of it
             self.parse_request()  # its errors come back through send_error, raised
         except socket.timeout:
-            if self.reads.deadline is None:
+            if self.reads.deadline is None:  # a new connection that sent nothing
                 return False
             raise ApiError(408, "The request's headers did not arrive within --read-timeout "
                                 f"({self.server.config.read_timeout:g} s).", code="request_timeout") from None
@@ -2983,19 +3014,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def handle_method(self):
         self.begin_request()
-        with self.server.handling():
-            try:
-                self.route()
-            except ApiError as err:
-                self.send_api_error(err)
-            except ClientGone:
-                self.status, self.close_connection = 499, True
-            except Exception:
-                self.send_api_error(ApiError(500, "Internal error in claude-max-proxy; see its log.",
-                                             code="internal_error"))
-                raise
-            finally:
-                self.log_access()
+        try:
+            self.route()
+        except ApiError as err:
+            self.send_api_error(err)
+        except ClientGone:
+            self.status, self.close_connection = 499, True
+        except Exception:
+            self.send_api_error(ApiError(500, "Internal error in claude-max-proxy; see its log.",
+                                         code="internal_error"))
+            raise
+        finally:
+            self.log_access()
 
     def route(self):
         route, item = match_route(self.route_path)
@@ -3112,7 +3142,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         previous = _optional(body, "previous_response_id", (str,), None) if isinstance(body, dict) else None
         earlier = self.server.stored.conversation(previous) if previous else []
         request, new_messages = parse_responses_request(body, earlier)
-        builder = self.reply = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools")))
+        builder = self.reply = ResponseBuilder(response_echo(body), namespaces_of(body.get("tools") or []))
 
         def keep():
             if body.get("store", True) is not False:
@@ -3318,22 +3348,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if removed:
         log.warning("%s removed from the CLI's environment so your subscription is used, not per-token "
                     "API billing (--use-api-key to keep it)", " and ".join(removed))
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # The server accepts on a thread of its own, and a signal only asks for the stop: an exception
+    # raised in the accepting thread could drop a connection between its accept and its handler.
+    # The signal may reach any thread; Python writes it to the wakeup pipe, which wakes main.
+    wakeup, signalled = os.pipe()
+    os.set_blocking(signalled, False)
+    signal.set_wakeup_fd(signalled)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: None)
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     log.info("claude-max-proxy %s on http://%s:%d/v1 (Claude Code %s)", __version__,
              config.host, server.server_address[1], cli_version)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
-            signal.signal(signum, signal.SIG_IGN)
-        log.info("shutting down")
-    finally:
-        server.drain_and_close()
+    os.read(wakeup, 1)
+    log.info("shutting down")
+    server.drain_and_close()
     return 0
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -408,7 +409,6 @@ def servers():
     started = []
     yield started
     for server in started:
-        server.shutdown()
         server.drain_and_close()
 
 
@@ -2114,17 +2114,13 @@ def idle_counts() -> tuple:
     return len(find_children(os.getpid())), threading.active_count(), len(os.listdir("/proc/self/fd"))
 
 
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
-
-
 @pytest.mark.parametrize("moment", ["before the first token", "after the first token", "mid tool call",
                                     "with bytes unread"])
 def test_disconnects_stop_the_cli_within_a_second_and_leave_nothing(start_proxy, fake, moment):
     fake.play({"after the first token": "token_then_hang", "mid tool call": "call_then_hang"}.get(moment, "hang"))
     client = start_proxy(spares=0)
     idle = idle_counts()
-    body = json.dumps({"model": "sonnet", "messages": [USER], "stream": True, "tools": [WEATHER_TOOL]}).encode()
+    body = json.dumps({"model": "sonnet", "messages": [USER], "stream": True, "tools": [WEATHER]}).encode()
     sock = socket.create_connection(("127.0.0.1", client.port))
     # More than the proxy reads ahead, so some stay in the socket.
     pipelined = CHAT_HEAD + b"Content-Length: 100000\r\n\r\n" + b" " * 100000 if moment == "with bytes unread" else b""
@@ -3150,9 +3146,606 @@ def test_shutdown_stops_every_spare_and_kept_cli(start_proxy, fake, servers):
     assert client.chat().status == 200
     assert wait_until(lambda: processes(client)["spare"] == 1 and processes(client)["live"] == 1)
     alive = pids(fake)
-    client.server.shutdown()
     client.server.drain_and_close()
     assert not any(pid_alive(pid) for pid in alive)
+
+
+# ── 8a. Fuzzing the HTTP layer ───────────────────────────────────────────
+# Mutations of valid requests go as raw bytes, each case on a connection of its own; every answer must
+# be a well-formed HTTP/1.x response carrying an OpenAI error or a valid result. Each case has a Random
+# of its own, made from the seed and its number: FUZZ_SEED=S replays a run, FUZZ_SEED=S FUZZ_CASE=N one
+# case of it. `make fuzz` runs many more cases than the suite.
+
+FUZZ_ANSWER_SECONDS = 10  # for each read of an answer: a case still silent after this has hung the server
+FUZZ_READ_SECONDS = 1     # the server's read timeout here: a body shorter than its Content-Length waits this long
+FUZZ_BODY_LIMIT = 256 * 1024  # MAX_BODY_BYTES here, so that bodies over it are cheap to send
+FUZZ_KEY = "sk-fuzz"      # the API key of the server test_http_fuzz_many fuzzes
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9]) [\t\x20-\x7e\x80-\xff]*\r\n")
+HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+class Raw:
+    """JSON text that goes into a body as it is: what json.dumps would not write (1e400, deep nesting)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self):
+        return f"Raw({self.text[:40]!r}{'...' if len(self.text) > 40 else ''})"
+
+
+def fuzz_json(value) -> str:
+    """JSON text of a body tree that may hold Raw values."""
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {fuzz_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(fuzz_json, value)) + "]"
+    return json.dumps(value)
+
+
+def fuzz_seeds() -> list:
+    """Valid requests of each kind, as (method, target, body or None)."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'}
+    functions = [dict(WEATHER["function"], type="function"), {"type": "namespace", "name": "agents", "tools": [
+        {"type": "function", "name": "spawn_agent", "description": "Spawn.", "parameters": {"type": "object"}}]},
+        {"type": "web_search"}]
+    response = {"model": "claude-sonnet-4", "instructions": "Be brief.", "metadata": {"k": "v"}, "store": True,
+                "max_output_tokens": 100, "reasoning": {"effort": "low"}, "tools": functions, "tool_choice": "auto",
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Rome?"}]}, call,
+                          {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                          {"role": "user", "content": "thanks"}]}
+    structured = {"model": "sonnet", "input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "person", "strict": True,
+        "schema": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}}
+    return [
+        ("POST", "/v1/chat/completions", {"model": "claude-sonnet-4", "temperature": 0.5, "max_tokens": 100,
+                                          "stop": ["STOP"], "user": "u", "messages": [
+                                              {"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+        ("POST", "/v1/chat/completions", {"model": "sonnet", "stream": True, "stream_options": {"include_usage": True},
+                                          "messages": [USER]}),
+        ("POST", "/v1/chat/completions", {"model": "claude-sonnet-4", "tools": [WEATHER, CLOCK], "tool_choice": "auto",
+                                          "parallel_tool_calls": True, "stream": True,
+                                          "messages": [USER, CALL, RESULT, {"role": "user", "content": "and?"}]}),
+        ("POST", "/v1/chat/completions", {"model": "haiku", "messages": [USER], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+        ("POST", "/v1/responses", response),
+        ("POST", "/v1/responses", dict(response, stream=True)),
+        ("POST", "/v1/responses", structured),
+        ("GET", "/health", None), ("GET", "/v1/models", None), ("GET", "/v1/models/claude-opus-4", None),
+        ("GET", "/v1/responses/resp_0", None), ("DELETE", "/v1/responses/resp_0", None),
+        ("OPTIONS", "/v1/chat/completions", None),
+    ]
+
+
+def odd_value(rng: random.Random):
+    """A value of some other type or size than a valid request has."""
+    return rng.choice([
+        None, True, False, 0, -1, 1.5, -0.0, 2 ** 63, -2 ** 64, Raw("1e400"), Raw("-1e400"), Raw("1e-400"),
+        Raw("NaN"), Raw("Infinity"), Raw("9" * rng.choice([20, 400, 4300, 5000])), Raw("0." + "1" * 5000),
+        "", " ", "x" * rng.choice([1000, 100_000, 300_000]), "\x00", "a\x00b", "\x01\x1f\x7f\n\r\t", "\ud800", "\udfff",
+        "\ud83d\ude00", "\ufeff", "é✓💥", "-p", "--help", "/login", "../../etc/passwd", "$(id)", "%s%n",
+        Raw('"\ud800"'), Raw('"\\ud800\\u0000\\udfff"'), Raw('"\x00\x1f"'),
+        [], [None], [1, "a", {}], {}, {"type": None}, {"": 1}, [[[]]], {"a": {"b": {"c": []}}},
+    ])
+
+
+def deep(rng: random.Random) -> Raw:
+    """A value nested hundreds to thousands of levels deep, as JSON text."""
+    depth = rng.choice([100, 450, 500, 700, 900, 990, 1100, 3000, 5000, 100_000])
+    if rng.random() < 0.5:
+        return Raw("[" * depth + rng.choice(["1", '"x"', "{}", "null"]) + "]" * depth)
+    return Raw('{"a": ' * depth + rng.choice(["1", '"x"', "[]", "null"]) + "}" * depth)
+
+
+def json_paths(value, path=()) -> list:
+    """Every path into the tree, the root's () included."""
+    paths = [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        paths += json_paths(child, path + (key,))
+    return paths
+
+
+def value_at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def with_value_at(tree, path, new):
+    if not path:
+        return new
+    value_at(tree, path[:-1])[path[-1]] = new
+    return tree
+
+
+def named(path) -> str:
+    return "".join(f"[{key!r}]" for key in path) or "body"
+
+
+def mutate_json(tree, rng: random.Random, notes: list):
+    """The tree with a value swapped for one of another type or size, nested deep, dropped or added."""
+    path = rng.choice(json_paths(tree))
+    kind = rng.random()
+    if kind < 0.7:
+        new = odd_value(rng) if kind < 0.55 else deep(rng)
+        notes.append(f"{named(path)}={new!r:.60}")
+        return with_value_at(tree, path, new)
+    if kind < 0.85 and path:
+        notes.append(f"del {named(path)}")
+        del value_at(tree, path[:-1])[path[-1]]
+        return tree
+    containers = [path for path in json_paths(tree) if isinstance(value_at(tree, path), (dict, list))] or [()]
+    path = rng.choice(containers)
+    tree = tree if isinstance(tree, (dict, list)) else {}
+    container, new = value_at(tree, path), odd_value(rng)
+    if isinstance(container, dict):
+        key = rng.choice(["model", "stream", "messages", "input", "tools", "type", "role", "content", "n",
+                          "previous_response_id", "store", "x-unknown", ""])
+        container[key] = new
+        notes.append(f"{named(path)}[{key!r}]={new!r:.60}")
+    else:
+        container.insert(rng.randrange(len(container) + 1), new)
+        notes.append(f"insert into {named(path)}: {new!r:.60}")
+    return tree
+
+
+BAD_BYTES = [b"\xff", b"\xfe\xff", b"\x80", b"\xc0\x80", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+             b"\x00", b"\x00" * 10, b"\r\n", b"\x1b[2J"]
+
+
+def mutate_bytes(body: bytes, rng: random.Random, notes: list) -> bytes:
+    """The body with bytes that are not JSON or not UTF-8 put in, or cut short."""
+    kind = rng.randrange(7)
+    at = rng.randrange(len(body) + 1)
+    if kind == 0:
+        bad = rng.choice(BAD_BYTES)
+        notes.append(f"bytes {bad!r} at {at}")
+        return body[:at] + bad + body[at:]
+    if kind == 1:
+        notes.append(f"cut at {at}")
+        return body[:at]
+    if kind == 2:
+        notes.append(f"byte {at} changed")
+        return body[:at] + bytes([rng.randrange(256)]) + body[at + 1:]
+    if kind == 3:
+        notes.append("BOM first")
+        return b"\xef\xbb\xbf" + body
+    if kind == 4:
+        encoding = rng.choice(["utf-16", "utf-16-be", "utf-32-le"])
+        notes.append(f"encoded {encoding}")
+        return body.decode("utf-8", "surrogatepass").encode(encoding, "surrogatepass")
+    if kind == 5:
+        new = rng.choice([b"", b" ", b"null", b"[]", b"{}", b'"x"', b"1e400", b"[" * 200_000, b'{"a":' * 50_000,
+                          b"{" * 3, b"\x00" * 100])
+        notes.append(f"body {new[:20]!r}")
+        return new
+    notes.append("a key repeated")
+    return body[:-1] + b', "model": 7, "messages": 7, "input": 7}' if body.endswith(b"}") else body + b"}"
+
+
+class FuzzRequest:
+    """A request as the parts its bytes are made of, for the mutations to change."""
+
+    def __init__(self, method: str, target: str, body: bytes | None, key: str | None = None):
+        self.method, self.target, self.version = method.encode(), target.encode(), b"HTTP/1.1"
+        self.line: bytes | None = None  # a whole request line of a mutation's own
+        self.headers = [(b"Host", b"127.0.0.1"), *([(b"Content-Type", b"application/json")] if body else []),
+                        *([(b"Authorization", b"Bearer " + key.encode())] if key else [])]
+        self.body = body or b""
+        self.content_length: bytes | None = b"%d" % len(self.body) if body is not None else None
+        self.chunks: bytes | None = None  # the body as sent, chunked
+        self.eol = b"\r\n"
+        self.before = b""  # bytes sent ahead of the request line
+
+    @property
+    def head(self) -> bool:
+        return self.line is None and self.method == b"HEAD"
+
+    def raw(self) -> bytes:
+        line = self.line if self.line is not None else b" ".join(filter(None, (self.method, self.target,
+                                                                               self.version)))
+        length = [(b"Content-Length", self.content_length)] if self.content_length is not None else []
+        head = [line, *(name + b": " + value if name is not None else value
+                        for name, value in self.headers + length)]
+        return self.before + b"".join(part + self.eol for part in head) + self.eol + (
+            self.chunks if self.chunks is not None else self.body)
+
+
+def chunked(body: bytes, rng: random.Random) -> bytes:
+    pieces, at = [], 0
+    while at < len(body):
+        size = rng.randint(1, max(1, len(body) // 3))
+        pieces.append(b"%x\r\n%s\r\n" % (len(body[at:at + size]), body[at:at + size]))
+        at += size
+    return b"".join(pieces) + b"0\r\n\r\n"
+
+
+def mutate_headers(request: FuzzRequest, rng: random.Random, notes: list):
+    length = len(request.body)
+    kind = rng.randrange(20)
+    if kind == 0:
+        request.content_length = None
+        notes.append("no Content-Length")
+    elif kind == 1:
+        request.content_length = rng.choice([b"-1", b"abc", b"1.5", b"0x10", b" 12 ", b"+12", b"", b"\xb2",
+                                             "١٢".encode(), b"9" * 5000, b"99999999999999999999", b"1e3",
+                                             b"%d, %d" % (length, length), b"0"])
+        notes.append(f"Content-Length: {request.content_length[:30]!r}")
+    elif kind == 2:
+        extra = rng.choice([1, 10, 1000])
+        request.content_length = b"%d" % (length + extra)  # the server waits for bytes that never come
+        notes.append(f"Content-Length {extra} more than the body")
+    elif kind == 3 and length:
+        request.content_length = b"%d" % rng.randrange(length)
+        notes.append(f"Content-Length {request.content_length.decode()} of {length}")
+    elif kind == 4:
+        request.headers.append((b"Content-Length", rng.choice([b"%d" % length, b"%d" % (length + 5), b"0"])))
+        notes.append(f"second Content-Length {request.headers[-1][1]!r}")
+    elif kind in (5, 6):
+        if rng.random() < 0.7:
+            request.content_length = None
+        request.headers.append((b"Transfer-Encoding", rng.choice([b"chunked", b"chunked", b"gzip, chunked",
+                                                                  b"identity", b"chunked, chunked", b"CHUNKED"])))
+        request.chunks = chunked(request.body, rng) if rng.random() < 0.6 else rng.choice([
+            b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n", b"ffffffffffffffffffff\r\n{}", b"2;x=y\r\n{}\r\n0\r\n\r\n",
+            b"-1\r\n\r\n", b"0\r\n", b"%x\r\n%s" % (length + 10, request.body)])
+        notes.append(f"Transfer-Encoding {request.headers[-1][1]!r}, CL {request.content_length!r:.20}, "
+                     f"chunks {request.chunks[:30]!r}")
+    elif kind == 7:
+        request.headers.append(rng.choice([(b"Host", b"evil.example"), (b"Host", b"127.0.0.1"),
+                                           (b"Content-Type", b"text/plain")]))
+        notes.append(f"second {request.headers[-1]!r}")
+    elif kind == 8:
+        size = rng.choice([8000, 65_000, 70_000])
+        request.headers.append((b"X-Long", b"v" * size))
+        notes.append(f"{size}-byte header")
+    elif kind == 9:
+        count = rng.choice([99, 100, 200])
+        request.headers += [(b"X-%d" % i, b"y") for i in range(count)]
+        notes.append(f"{count} more headers")
+    elif kind == 10:
+        host = rng.choice([None, b"", b"evil.example", b"127.0.0.1:99999", b"[::1", b"[::1]:80", b"localhost:abc",
+                           b"\xff\xfe", b"a" * 10_000, b"localhost, evil.example", b"LOCALHOST", b"127.0.0.1.",
+                           b"[::ffff:127.0.0.1]", b"0x7f.1", b"localhost:", b":80", b"\x00"])
+        request.headers = [(n, v) for n, v in request.headers if n != b"Host"] + ([(b"Host", host)] if host is not
+                                                                                   None else [])
+        notes.append(f"Host: {host!r:.30}")
+    elif kind == 11:
+        header = rng.choice([(b"X-\xff\xfe", b"1"), (b"X-Bytes", b"\xc3\xa9\xff\x00"), (b"Origin", b"http://\xc3\xa9"),
+                             (b"Authorization", b"Bearer \xff"), (b"X-Request-Id", b"\xff" * 200),
+                             (b"Content-Type", b"application/json; charset=\xff")])
+        request.headers.append(header)
+        notes.append(f"header {header!r}")
+    elif kind == 12:
+        line = rng.choice([b"NoColonHere", b"Content-Length : 5", b" folded continuation", b"\tfolded", b": empty name",
+                           b"X-Nul\x00: 1", b"X-Space Name: 1", b"\x00", b"X:" + b"\x00" * 10])
+        request.headers.insert(rng.randrange(len(request.headers) + 1), (None, line))
+        notes.append(f"header line {line!r}")
+    elif kind == 13:
+        request.eol = rng.choice([b"\n", b"\r", b"\r\r\n", b"\n\r"])
+        notes.append(f"lines end with {request.eol!r}")
+    elif kind == 14:
+        header = rng.choice([(b"Origin", b"http://evil.example"), (b"Origin", b"http://allowed.example"),
+                             (b"Origin", b"null"), (b"Origin", b""),
+                             (b"Access-Control-Request-Headers", b"x-a, \xff, " + b"b," * 1000)])
+        request.headers.append(header)
+        notes.append(f"header {header!r:.60}")
+    elif kind == 15:
+        value = rng.choice([b"", b"Bearer", b"Bearer ", b"bearer " + FUZZ_KEY.encode(), b"Basic eDp5",
+                            b"Bearer " + b"k" * 10_000, b"Bearer sk-fuzz\x00", b"Bearer \xe2\x9c\x93"])
+        request.headers = [(n, v) for n, v in request.headers if n != b"Authorization"] + [(b"Authorization", value)]
+        notes.append(f"Authorization: {value!r:.40}")
+    elif kind == 16:
+        header = rng.choice([(b"X-Request-Id", b"req-1"), (b"X-Request-Id", b"a" * 200),
+                             (b"X-Request-Id", b"\r"), (b"Expect", b"100-continue"), (b"Expect", b"bogus"),
+                             (b"Connection", b"close"), (b"Connection", b"keep-alive"), (b"Connection", b"upgrade"),
+                             (b"Upgrade", b"h2c"), (b"Content-Encoding", b"gzip")])
+        request.headers.append(header)
+        notes.append(f"header {header!r:.60}")
+    elif kind == 17:
+        request.headers = []
+        notes.append("no headers")
+    elif kind == 18:
+        request.headers = [(name.lower() if name else name, value) for name, value in request.headers]
+        request.content_length, request.headers = None, request.headers + (
+            [(b"content-length", request.content_length)] if request.content_length is not None else [])
+        notes.append("header names in lowercase")
+    else:
+        request.headers.append((b"Content-Type", rng.choice([b"text/plain", b"", b"application/x-www-form-urlencoded",
+                                                             b"multipart/form-data; boundary=x"])))
+        notes.append(f"Content-Type {request.headers[-1][1]!r}")
+
+
+def mutate_request_line(request: FuzzRequest, rng: random.Random, notes: list):
+    kind = rng.randrange(5)
+    if kind == 0:
+        request.method = rng.choice([b"post", b"get", b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"PATCH",
+                                     b"BREW", b"CONNECT", b"TRACE", b"P\x00ST", b"G\xffT", b"X" * 1000, b"M-SEARCH",
+                                     b"POST\t"])
+        notes.append(f"method {request.method[:20]!r}")
+    elif kind == 1:
+        request.target = rng.choice([
+            b"*", b"http://[/v1/models", b"/v1/chat/completions?x=%zz", b"/v1/models?%", b"http://[::1/",
+            b"http://127.0.0.1/v1/chat/completions", b"https://user:pw@localhost:1/v1/responses", b"//v1/models",
+            b"/v1/models/" + b"a" * rng.choice([1000, 70_000]), b"/" + b"a" * 8000, b"/v1/models/%00",
+            b"/v1/models/%ff%fe", b"/v1/models/%zz", b"/v1/models/..%2f..%2fetc", b"/v1/responses/%00",
+            b"/v1/responses/" + b"r" * 5000, b"/v1/responses/%ud800", b"/v1/chat/completions#frag",
+            b"/v1/chat/completions\x00", b"/v1/\x01\x7f", b"/v1/\xff\xfe", b"?", b"/V1/CHAT/COMPLETIONS",
+            b"/v1/chat/completions/../models", b"/v1/chat/completions?" + b"a=1&" * 2000, b"/%", b"v1/models",
+            b"/v1/models/claude-sonnet-4-5-20250929", b"/v1/models/%E2%9C%93", b"/v1/responses/resp_0/x",
+            b"/health?x=" + b"%00" * 100, b"http://127.0.0.1:99999/health", b"http:/health", b"\\v1\\models"])
+        notes.append(f"target {request.target[:50]!r}")
+    elif kind == 2:
+        request.version = rng.choice([b"HTTP/2.0", b"HTTP/2", b"http/1.1", b"HTTP/1.1x", b"HTTP/0.9", b"", b"HTTP/1",
+                                      b"HTTP/1.10", b"HTTP/1.1.1", b"HTTP/99999999999.1", b"HTTP/1.0", b"HTTP/",
+                                      b"HTTP/1.1\x00", b"HTTP/3.0", b"HTTP/01.01", b"HTTP/1.\xb2", b"HTTP/+1.-1",
+                                      b"HTTP/1_1", b"FTP/1.1"])
+        notes.append(f"version {request.version!r}")
+    elif kind == 3:
+        parts = [request.method, request.target, request.version]
+        sep = rng.choice([b"  ", b"\t", b" \t ", b"\x0b", b"\x0c"])
+        request.line = rng.choice([sep.join(parts), b" " + b" ".join(parts), b" ".join(parts) + b" ",
+                                   b" ".join(parts + [b"extra"]), request.method, b" ".join(parts[:2]) + b" ",
+                                   b"", b" ", b"\x00" + b" ".join(parts), b" ".join(parts) + b"\x00",
+                                   b"\xef\xbb\xbf" + b" ".join(parts)])
+        notes.append(f"request line {request.line[:60]!r}")
+    else:
+        request.before = rng.choice([b"\r\n", b"\n", b"\r\n\r\n"])  # RFC 9112 2.2: a server SHOULD ignore these
+        notes.append(f"{request.before!r} before the request line")
+
+
+def fuzz_request(rng: random.Random, stored: list, key: str | None) -> tuple[FuzzRequest, list]:
+    """One case: a valid request, mutated at random in its body, headers or request line."""
+    seeds = fuzz_seeds()
+    with_body = [seed for seed in seeds if seed[2] is not None]
+    method, target, body = rng.choice(with_body if rng.random() < 0.8 else seeds)
+    notes = [f"{method} {target}"]
+    use_stored, pick = rng.random() < 0.2, rng.random()  # drawn either way, so a case replays alone
+    if stored and use_stored and "/v1/responses" in target:  # a kept response: read, deleted or gone on with
+        kept = stored[int(pick * len(stored))]
+        if body is None:
+            target = target.replace("resp_0", kept)
+        else:
+            body = dict(body, previous_response_id=kept)
+        notes[0] = f"{method} {target}" + (f" after {kept}" if body else "")
+    raw = None
+    if body is not None:
+        tree = json.loads(json.dumps(body))
+        for _ in range(rng.choice([0, 1, 1, 1, 2, 3])):
+            tree = mutate_json(tree, rng, notes)
+        raw = fuzz_json(tree).encode("utf-8", "surrogatepass")
+        if rng.random() < 0.15:
+            raw = mutate_bytes(raw, rng, notes)
+    request = FuzzRequest(method, target, raw, key)
+    if rng.random() < 0.3:
+        mutate_headers(request, rng, notes)
+    if rng.random() < 0.25:
+        mutate_request_line(request, rng, notes)
+    return request, notes
+
+
+class FuzzProblem(Exception):
+    pass
+
+
+def read_head(reader) -> tuple[int, dict, bytes]:
+    """A response's status line and headers, read strictly; 1xx responses are skipped."""
+    while True:
+        line = reader.readline(70_000)
+        if not line:
+            raise FuzzProblem("the connection closed without an answer")
+        if not STATUS_LINE.fullmatch(line):
+            raise FuzzProblem(f"no status line but {line[:100]!r}")
+        status, headers = int(STATUS_LINE.fullmatch(line)[1]), {}
+        while (field := reader.readline(70_000)) != b"\r\n":
+            found = HEADER_LINE.fullmatch(field)
+            if not found:
+                raise FuzzProblem(f"status {status}, then a header line {field[:100]!r}")
+            name = found[1].decode().lower()
+            if name in headers and name in ("content-length", "transfer-encoding", "content-type"):
+                raise FuzzProblem(f"status {status} with two {name} headers")
+            headers[name] = found[2].decode("latin-1")
+        if status >= 200:
+            return status, headers, line
+
+
+def read_body(reader, status: int, headers: dict, head: bool) -> bytes:
+    if head or status in (204, 304):
+        return b""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size_line = reader.readline(100)
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}\r\n", size_line):
+                raise FuzzProblem(f"status {status}, a chunk size line {size_line[:50]!r} after {body[-200:]!r}")
+            size = int(size_line, 16)
+            chunk = reader.read(size + 2)
+            if len(chunk) != size + 2 or not chunk.endswith(b"\r\n"):
+                raise FuzzProblem(f"status {status}, a chunk cut short after {body[-200:]!r}")
+            body += chunk[:-2]
+            if size == 0:
+                return body
+    if not re.fullmatch(r"[0-9]+", headers.get("content-length", "")):
+        raise FuzzProblem(f"status {status} with neither Content-Length nor chunked: {headers}")
+    body = reader.read(int(headers["content-length"]))
+    if len(body) != int(headers["content-length"]):
+        raise FuzzProblem(f"status {status}, its body cut short: {body[:200]!r}")
+    return body
+
+
+def check_error(status: int, headers: dict, body: bytes):
+    try:
+        error = json.loads(body)["error"]
+        assert set(error) == ERROR_FIELDS and isinstance(error["message"], str) and error["message"]
+        assert isinstance(error["type"], str) and headers.get("content-type", "").startswith("application/json")
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise FuzzProblem(f"status {status} without an OpenAI error: {body[:300]!r}") from None
+
+
+def check_sse(body: bytes):
+    """A whole chat stream ending with [DONE], or Responses events ending with the response's last event."""
+    try:
+        frames = [frame for frame in body.decode().split("\n\n") if frame and not frame.startswith(":")]
+        assert body.endswith(b"\n\n") and frames
+        if frames[0].startswith("data: "):  # chat
+            assert frames[-1] == "data: [DONE]"
+            for frame in frames[:-1]:
+                chunk = json.loads(frame.removeprefix("data: "))
+                assert frame.startswith("data: ") and (chunk["object"] == "chat.completion.chunk" if "error" not in
+                                                       chunk else set(chunk["error"]) == ERROR_FIELDS)
+            return
+        events = []
+        for frame in frames:
+            name, _, data = frame.partition("\ndata: ")
+            events.append(json.loads(data))
+            assert name.startswith("event: ") and events[-1]["type"] == name.removeprefix("event: ")
+        assert [event["sequence_number"] for event in events] == list(range(len(events)))
+        assert events[-1]["type"] in ("response.completed", "response.incomplete", "response.failed")
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise FuzzProblem(f"a stream that is not a whole chat or Responses stream: ...{body[-300:]!r}") from None
+
+
+def check_answer(status: int, headers: dict, body: bytes, head: bool) -> dict | None:
+    """The answer's JSON result if it has one; FuzzProblem if it is neither a valid result nor an OpenAI error."""
+    if status == 500 or not (200 <= status < 300 or 400 <= status < 600):
+        raise FuzzProblem(f"status {status}: {body[:300]!r}")
+    if status >= 400:
+        return None if head else check_error(status, headers, body)
+    if head or status == 204:
+        if body:
+            raise FuzzProblem(f"status {status} with a body {body[:100]!r}")
+        return None
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        check_sse(body)
+        created = re.search(rb'"id": ?"(resp_[0-9a-zA-Z]+)"', body)
+        return {"id": created[1].decode()} if created else None
+    try:
+        result = json.loads(body)
+    except ValueError:
+        result = None
+    if not isinstance(result, dict) or set(result.get("error") or ()) == ERROR_FIELDS or not headers.get(
+            "content-type", "").startswith("application/json"):
+        raise FuzzProblem(f"status {status} with {headers.get('content-type')!r} {body[:300]!r}")
+    return result
+
+
+def exchange(port: int, data: bytes, head: bool) -> tuple[list, list]:
+    """Send one case; read every answer on its connection. After an answer that leaves the connection
+    open, a GET /health with Connection: close follows, so that what the server makes of the rest
+    of what was sent is read too. The answers' statuses and starts, and their JSON results."""
+    answers, results = [], []
+    with socket.create_connection(("127.0.0.1", port), timeout=FUZZ_ANSWER_SECONDS) as sock:
+        reader = sock.makefile("rb")
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):  # the server answered before it read it all
+            pass
+        try:
+            while True:
+                status, headers, line = read_head(reader)
+                body = read_body(reader, status, headers, head)
+                result = check_answer(status, headers, body, head)
+                answers.append((status, line + body[:100]))
+                results += [result] if result else []
+                if headers.get("connection", "").lower() == "close":
+                    rest = reader.read()
+                    if rest:
+                        raise FuzzProblem(f"status {status} said Connection: close, then came {rest[:200]!r}")
+                    return answers, results
+                if len(answers) > 20:
+                    raise FuzzProblem("more than 20 answers")
+                head = False
+                try:
+                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    raise FuzzProblem(f"status {status} left the connection open, then it broke") from None
+        except socket.timeout:  # TimeoutError from Python 3.10 on
+            raise FuzzProblem(f"no answer within {FUZZ_ANSWER_SECONDS} s after the answers {answers}") from None
+        except ConnectionResetError:
+            raise FuzzProblem(f"the connection was reset after the answers {answers}") from None
+        except FuzzProblem as problem:
+            raise FuzzProblem(f"{problem} (after the answers {answers})" if answers else str(problem)) from None
+
+
+def fuzz(client: Client, seed: int, count: int, only: int | None = None, key: str | None = None,
+         connections: int = 1) -> list:
+    """Run the cases numbered 0 to count - 1 (or just `only`); what went wrong in each that failed."""
+    failures, stored, crashes, lock = [], [], [], threading.Lock()
+    numbers = iter([only] if only is not None else range(count))
+
+    def run_case(number: int):
+        rng = random.Random(f"{seed}:{number}")
+        request, notes = fuzz_request(rng, list(stored), key)
+        data = request.raw()
+        try:
+            _, results = exchange(client.port, data, request.head)
+            stored.extend(r["id"] for r in results if str(r.get("id")).startswith("resp_"))
+        except FuzzProblem as problem:
+            with lock:
+                failures.append(f"FUZZ_SEED={seed} FUZZ_CASE={number}: {'; '.join(notes)}\n"
+                                f"    sent {data[:300]!r}{'...' if len(data) > 300 else ''}\n    {problem}")
+
+    def run():
+        try:
+            while True:
+                with lock:
+                    number = next(numbers, None)
+                if number is None:
+                    return
+                run_case(number)
+        except BaseException as crash:  # a bug of the test's own: raised below, not lost in a thread
+            crashes.append(crash)
+
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if crashes:
+        raise crashes[0]
+    return failures
+
+
+def fuzz_settings(default_cases: int) -> tuple[int, int, int | None]:
+    seed = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2 ** 32))
+    count = int(os.environ.get("FUZZ_CASES") or default_cases)
+    only = int(os.environ["FUZZ_CASE"]) if os.environ.get("FUZZ_CASE") else None
+    print(f"fuzz seed={seed} cases={count}" + (f" only case {only}" if only is not None else ""))
+    return seed, count, only
+
+
+def check_fuzz(client: Client, seed: int, failures: list):
+    assert not failures, f"{len(failures)} fuzz case(s) failed (seed {seed}):\n" + "\n".join(failures[:15])
+    health = client.call("GET", "/health", headers={"Authorization": f"Bearer {FUZZ_KEY}"})
+    assert health.status == 200, f"the server is down after the fuzz (seed {seed}): {health.status} {health.text}"
+
+
+@pytest.fixture
+def fuzzed_proxy(start_proxy, monkeypatch):
+    """A proxy with a short read timeout and body limit, so that cases which wait for bytes or send
+    many of them are quick."""
+    monkeypatch.setattr(cmp, "MAX_BODY_BYTES", FUZZ_BODY_LIMIT)
+    return lambda **options: start_proxy(read_timeout=FUZZ_READ_SECONDS, **options)
+
+
+def test_http_fuzz(fuzzed_proxy):
+    """Mutated requests get a well-formed answer: an OpenAI error or a valid result, never a 500."""
+    seed, count, only = fuzz_settings(default_cases=300)
+    client = fuzzed_proxy()
+    check_fuzz(client, seed, fuzz(client, seed, count, only))
+
+
+@pytest.mark.skipif(not os.environ.get("FUZZ_MANY"), reason="`make fuzz` runs it")
+def test_http_fuzz_many(fuzzed_proxy):
+    """As test_http_fuzz, at length, four connections at a time, against a proxy with an API key and CORS."""
+    seed, count, only = fuzz_settings(default_cases=5000)
+    client = fuzzed_proxy(api_key=FUZZ_KEY, cors_origins=("http://allowed.example",))
+    check_fuzz(client, seed, fuzz(client, seed, count, only, key=FUZZ_KEY, connections=4))
 
 
 # ── 8b. Integration: the real CLI against the fake Anthropic API ────────────
@@ -3396,54 +3989,161 @@ def find_children(pid: int) -> list:
     return children
 
 
+class ProxyProgram:
+    """claude_max_proxy.py run as users run it, in a process of its own, its log kept."""
+
+    def __init__(self, claude: str, *options: str, env=None):
+        self.process = subprocess.Popen([sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", claude,
+                                         "--port", "0", *options], stderr=subprocess.PIPE, text=True, env=env)
+        self.log: list = []
+        for line in self.process.stderr:
+            self.log.append(line)
+            if " on http://" in line:
+                break
+        else:
+            raise AssertionError("the proxy did not start: " + "".join(self.log))
+        self.port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+
+    def connect(self, timeout: float = 60) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def post(self, path: str, body: dict, headers=None) -> http.client.HTTPResponse:
+        conn = self.connect()
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        return conn.getresponse()
+
+    def processes(self) -> dict:
+        with self.connect() as conn:
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())["processes"]
+
+    def held(self) -> tuple:
+        """What it holds: CLI children, threads, open descriptors."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        threads = int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)[1])
+        return len(find_children(self.process.pid)), threads, len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE)[1]) / 1024
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signals_stop_the_server_and_every_cli_child(upstream, real_cli, signum):
     upstream.default = stall
-    env = dict(os.environ, ANTHROPIC_API_KEY="sk-ant-should-go")
-    proxy = subprocess.Popen([sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", real_cli,
-                              "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    proxy = ProxyProgram(real_cli, env=dict(os.environ, ANTHROPIC_API_KEY="sk-ant-should-go"))
     try:
-        lines = []
-        for line in proxy.stderr:
-            lines.append(line)
-            if " on http://" in line:
-                break
-        assert any("ANTHROPIC_API_KEY removed" in line for line in lines)
-        port = int(lines[-1].split("127.0.0.1:")[1].split("/")[0])
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        assert any("ANTHROPIC_API_KEY removed" in line for line in proxy.log)
+        conn = proxy.connect(timeout=30)
         conn.request("POST", "/v1/chat/completions", json.dumps(
             {"model": "sonnet", "messages": [USER], "stream": True}), {"Content-Type": "application/json"})
         assert upstream.posted.wait(10)
-        children = find_children(proxy.pid)  # the request's CLI, and maybe a spare started since
+        children = find_children(proxy.process.pid)  # the request's CLI, and maybe a spare started since
         assert children
-        proxy.send_signal(signum)
-        assert proxy.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5) == 0
+        proxy.process.send_signal(signum)
+        assert proxy.process.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5) == 0
         assert not any(pid_alive(child) for child in children)
         reply = conn.getresponse()
         assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "shutting_down"
     finally:
-        proxy.kill()
-        proxy.wait()
+        proxy.stop()
 
 
 def test_the_program_answers_without_loading_openssl(fake):
     """Run as users run it, the proxy leaves OpenSSL unloaded (README, "Memory"), and still checks keys."""
-    proxy = subprocess.Popen([sys.executable, str(HERE / "claude_max_proxy.py"), "--claude", fake.path,
-                              "--port", "0", "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+    proxy = ProxyProgram(fake.path, "--api-key", "k")
     try:
-        line = next(line for line in proxy.stderr if " on http://" in line)
-        port = int(line.split("127.0.0.1:")[1].split("/")[0])
         for key, status in (("k", 200), ("wrong", 401)):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("POST", "/v1/chat/completions", json.dumps({"model": "sonnet", "messages": [USER]}),
-                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-            assert conn.getresponse().status == status
-            conn.close()
-        maps = Path(f"/proc/{proxy.pid}/maps").read_text()
+            reply = proxy.post("/v1/chat/completions", {"model": "sonnet", "messages": [USER]},
+                               {"Authorization": f"Bearer {key}"})
+            assert reply.status == status
+        maps = Path(f"/proc/{proxy.process.pid}/maps").read_text()
         assert "libcrypto" not in maps and "libssl" not in maps
     finally:
-        proxy.terminate()
-        proxy.wait(cmp.SHUTDOWN_GRACE_SECONDS + 5)
+        proxy.stop()
+
+
+LOAD_CLIENTS = 50
+
+
+def streamed_reply(proxy: ProxyProgram, number: int) -> tuple:
+    """(status, what the client could tell of it) for one streaming chat, read to its end."""
+    reply = proxy.post("/v1/chat/completions", {"model": "sonnet", "stream": True, "messages": [
+        {"role": "user", "content": f"client {number}"}]})
+    data = reply.read()  # raises if the stream was cut: a chunked body must end with its last chunk
+    if reply.status != 200:
+        return reply.status, (json.loads(data)["error"]["code"], reply.getheader("Retry-After"))
+    frames = [line[len(b"data: "):] for line in data.split(b"\n") if line.startswith(b"data: ")]
+    assert frames[-1] == b"[DONE]", data[-300:]
+    chunks = [json.loads(frame) for frame in frames[:-1]]
+    errors = [chunk["error"]["code"] for chunk in chunks if "error" in chunk]
+    text = "".join(choice["delta"].get("content") or "" for chunk in chunks for choice in chunk.get("choices", ()))
+    return 200, errors[0] if errors else text
+
+
+def load(proxy: ProxyProgram, during=lambda: None) -> list:
+    """LOAD_CLIENTS streaming clients at once; `during` runs once they are all under way."""
+    results: list = []
+    clients = [threading.Thread(target=lambda n=n: results.append(streamed_reply(proxy, n)))
+               for n in range(LOAD_CLIENTS)]
+    for client in clients:
+        client.start()
+    during()
+    for client in clients:
+        client.join(120)
+    assert not any(client.is_alive() for client in clients), "a client hangs"
+    assert len(results) == LOAD_CLIENTS, "a client got no answer"
+    return results
+
+
+@pytest.mark.parametrize("pool", ["pool off", "pool on"])
+def test_fifty_streaming_clients_against_four_slots(upstream, real_cli, pool):
+    options = ["--spares", "0", "--conversations", "0"] if pool == "pool off" else [
+        "--spare-timeout", "1", "--conversation-timeout", "1"]  # so that afterwards the pool empties
+    proxy = ProxyProgram(real_cli, "--max-concurrency", "4", *options)
+    try:
+        assert streamed_reply(proxy, 0) == (200, "Hello from fake upstream.")
+        assert wait_until(lambda: proxy.held()[0] == 0, timeout=10)
+        idle, idle_rss = proxy.held(), proxy.rss_mb()
+        results = load(proxy)
+        served = [result for result in results if result[0] == 200]
+        assert len(served) >= 4 and all(text == "Hello from fake upstream." for _, text in served)
+        assert all(result == (429, ("server_busy", str(cmp.BUSY_RETRY_SECONDS))) for result in results
+                   if result[0] != 200)
+        assert wait_until(lambda: proxy.held() <= idle, timeout=15), (proxy.held(), idle)
+        assert proxy.rss_mb() < idle_rss + 20
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_under_load_ends_every_request_cleanly_and_leaves_no_cli(upstream, real_cli):
+    upstream.default = stall  # every request is under way when the signal comes
+    proxy = ProxyProgram(real_cli, "--max-concurrency", "4")
+    clis: list = []
+    stopped: list = []
+
+    def terminate():
+        assert wait_until(lambda: len(find_children(proxy.process.pid)) >= 4, timeout=30)
+        clis.extend(find_children(proxy.process.pid))
+        proxy.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        proxy.process.wait(2 * cmp.SHUTDOWN_GRACE_SECONDS + 5)
+        stopped.append(time.monotonic() - started)
+    try:
+        results = load(proxy, during=terminate)
+        assert stopped[0] < 2 * cmp.SHUTDOWN_GRACE_SECONDS + 2 and proxy.process.returncode == 0
+        assert not any(pid_alive(cli) for cli in clis)
+        # Each one refused, or ended with a clean error: as a status before the stream began, else as its last frame.
+        assert {result for result in results} <= {(429, ("server_busy", str(cmp.BUSY_RETRY_SECONDS))),
+                                                 (503, ("shutting_down", None)), (200, "shutting_down")}
+    finally:
+        upstream.release.set()
+        proxy.stop()
 
 
 def test_make_installs_a_launch_agent_that_runs_this_file(tmp_path):

@@ -3949,6 +3949,63 @@ def test_real_error_after_the_stream_began_is_an_error_event_then_done(start_rea
     assert rest[-2]["error"]["code"] == "upstream_stream_restarted" and rest[-1] == "[DONE]"
 
 
+# Faults through the real CLI: each leaves no CLI behind, within a second of the fault.
+
+def children_gone(idle: int) -> bool:
+    """Whether this process has no more children than it had idle, within a second."""
+    return wait_until(lambda: len(find_children(os.getpid())) <= idle, timeout=1.0)
+
+
+def test_real_deep_schema_is_a_400_and_starts_no_cli(start_real_proxy, upstream):
+    client = start_real_proxy(spares=0)
+    idle = len(find_children(os.getpid()))
+    body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": "DEEP"}}}
+    reply = client.call("POST", "/v1/chat/completions", raw=body_with(body, deep_json(900)))
+    assert (reply.status, reply.error["param"][:35]) == (400, "response_format.json_schema.schema.")
+    assert children_gone(idle) and upstream.posts == []
+
+
+def test_real_failure_after_the_spawn_stops_the_cli(start_real_proxy, upstream, monkeypatch):
+    client = start_real_proxy(spares=0)
+    idle = len(find_children(os.getpid()))
+    spawned = []
+    monkeypatch.setattr(cmp, "initialize_line", lambda session: spawned.extend(client.server.pool.running()) or 1 / 0)
+    assert client.chat().status == 500
+    assert spawned and not spawned[0].alive() and children_gone(idle)
+    assert client.server.pool.counts()["running"] == 0
+
+
+def test_real_client_that_leaves_after_the_first_token_stops_its_cli(start_real_proxy, upstream):
+    upstream.default = answer(pieces=["first ", "second"], hold_after=1)
+    client = start_real_proxy(spares=0, conversations=0)
+    idle = len(find_children(os.getpid()))
+    conn, reply = client.post_streaming("/v1/chat/completions", {"model": "sonnet", "messages": [USER]})
+    seen = b""
+    while b"first " not in seen:
+        seen += reply.read1(65536)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert children_gone(idle) and client.server.pool.counts()["running"] == 0
+    upstream.release.set()
+
+
+def test_real_client_that_leaves_the_queue_gets_no_cli(start_real_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cmp, "QUEUE_WAIT_SECONDS", 30)
+    upstream.default = stall
+    client = start_real_proxy(max_concurrency=1, spares=0, conversations=0)
+    holder = threading.Thread(target=client.chat)
+    holder.start()
+    assert upstream.posted.wait(30)
+    body = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "queued"}]}).encode()
+    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+        sock.sendall(CHAT_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: client.server.gate.waiting == 1)
+    assert wait_until(lambda: client.server.gate.waiting == 0, timeout=1.0)
+    upstream.release.set()
+    holder.join(30)
+    assert upstream.posts and "queued" not in json.dumps([post["body"]["messages"] for post in upstream.posts])
+
+
 # ── 9. main ─────────────────────────────────────────────────────────────────
 
 def run_main(*args, env=None):

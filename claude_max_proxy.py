@@ -127,7 +127,9 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     if args.max_retries < 0:
         parser.error("--max-retries must not be negative")
     return Config(
-        host=args.host, port=args.port, claude=args.claude, api_key=args.api_key or None,
+        host=args.host, port=args.port, api_key=args.api_key or None,
+        # A path, made absolute: each CLI runs in a directory of its own.
+        claude=os.path.abspath(args.claude) if os.sep in args.claude else args.claude,
         cors_origins=tuple(args.cors_origins or _env_list(env("CORS_ORIGINS"))),
         allowed_hosts=tuple(h.lower() for h in (args.allowed_hosts or _env_list(env("ALLOWED_HOSTS")))),
         max_concurrency=args.max_concurrency, max_processes=args.max_processes, spares=args.spares,

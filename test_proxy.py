@@ -913,6 +913,12 @@ def test_defaults_listen_on_loopback_3456_with_bounded_retries():
     assert (config.host, config.port, config.claude, config.max_retries) == ("127.0.0.1", 3456, "claude", 2)
 
 
+def test_a_relative_cli_path_is_made_absolute_and_a_name_is_left_to_path(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert cmp.parse_config(["--claude", "bin/claude"], {}).claude == str(tmp_path / "bin" / "claude")
+    assert cmp.parse_config(["--claude", "claude"], {}).claude == "claude"
+
+
 def test_every_option_is_in_help_and_readme(capsys):
     with pytest.raises(SystemExit):
         cmp.parse_config(["--help"], {})

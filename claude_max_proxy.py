@@ -878,8 +878,10 @@ def _type_of(thing: object) -> Optional[str]:
     return thing.get("type") if isinstance(thing, dict) else None
 
 
-def _flat_functions(tools: list, where: str, namespace: Optional[str] = None) -> List[Tuple[str, dict, Optional[str]]]:
-    """Each function, at any depth of namespaces, as a chat function, with where it was given and its namespace."""
+def _flat_functions(tools: list, where: str,
+                    namespace: Optional[str] = None) -> List[Tuple[str, dict, Optional[str]]]:
+    """Each function, at any depth of namespaces, as a chat function, with where it was given and its
+    namespace."""
     functions = []
     for i, tool in enumerate(tools):
         here = f"{where}[{i}]"
@@ -893,7 +895,8 @@ def _flat_functions(tools: list, where: str, namespace: Optional[str] = None) ->
 
 
 def namespaces_of(tools: list) -> Dict[str, str]:
-    """Each function's namespace, for the calls that come back; `tools` as parse_responses_request checked them."""
+    """Each function's namespace, for the calls that come back; `tools` as parse_responses_request
+    checked them."""
     return {function["name"]: namespace for _, function, namespace in _flat_functions(tools, "tools") if namespace}
 
 
@@ -2767,7 +2770,7 @@ def host_allowed(host_header: Optional[str], config: Config) -> bool:
 
 def one_line(text: str, limit: int = 200) -> str:
     """Client-given text as the log may show it: escaped, on one line, and short."""
-    return json.dumps(text[:limit])[1:-1]
+    return json.dumps(text)[1:-1][:limit]
 
 
 class ClientReads(io.RawIOBase):
@@ -2896,16 +2899,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Read one request and answer it. Whatever arrives gets an HTTP answer; one that cannot be
         read as HTTP also ends the connection, which can no longer be trusted to frame the next."""
-        if self.kept_alive:
+        counted, self.kept_alive = not self.kept_alive, True  # a first request counts from its accept
+        try:
             if not self.next_request_comes():
                 self.close_connection = True
                 return
-            self.server.request_began()
-        self.kept_alive = True
-        try:
+            if not counted:
+                self.server.request_began()
+                counted = True
             self.serve_one_request()
         finally:
-            self.server.request_ended()
+            if counted:
+                self.server.request_ended()
 
     def next_request_comes(self) -> bool:
         """Wait, idle, for a request's first byte; False if the connection closed or idled out first."""
@@ -2920,7 +2925,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.request_version, self.declared_length = self.protocol_version, None
         try:
             if not self.read_head():
-                self.close_connection = True  # closed, or left in the middle of its head: nothing to answer
+                self.close_connection = True  # it left in the middle of its head: nothing to answer
                 return
         except ApiError as err:
             self.begin_request()
@@ -2932,10 +2937,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.handle_method()
 
     def read_head(self) -> bool:
-        """Read the request line and headers, within --read-timeout of their first byte; False if none came."""
+        """Read the request line and headers, within --read-timeout of their first byte, which has come;
+        False if the client left in the middle of them."""
         try:
-            if not self.rfile.peek(1):
-                return False
             self.reads.phase(self.server.config.read_timeout)
             for _ in range(BLANK_LINES_SKIPPED):
                 self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
@@ -2948,8 +2952,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return False  # the client left in the middle of it
             self.parse_request()  # its errors come back through send_error, raised
         except socket.timeout:
-            if self.reads.deadline is None:  # a new connection that sent nothing
-                return False
             raise ApiError(408, "The request's headers did not arrive within --read-timeout "
                                 f"({self.server.config.read_timeout:g} s).", code="request_timeout") from None
         except OSError:
@@ -3164,7 +3166,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.read_json()
         check_nesting(body)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
-            self.log_model = json.dumps(body["model"])[1:-1][:100]  # one line, whatever was sent
+            self.log_model = one_line(body["model"], limit=100)
         return body
 
     def answer(self, lease: Lease, request: ChatRequest) -> Iterator:
@@ -3255,8 +3257,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except ClientGone:
                 self.close_connection = True
             return
-        if not self.body_read and self.headers is not None and (
-                self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers):
+        if not self.body_read and self.declared_length:  # (check_head refused any other framing)
             self.close_connection = True  # its unread body must not be taken for the next request
         try:
             self.send_json(err.status, err.body(), err.headers)
@@ -3318,8 +3319,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         usage = self.log_usage
         tokens = f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-"
         log.info("%s %s %s model=%s tokens=%s served=%s %.3fs id=%s", one_line(self.command or "-"),
-                 one_line(self.route_path or self.path or "-"), self.status, self.log_model, tokens, self.log_served, time.monotonic() - self.started,
-                 self.request_id)
+                 one_line(self.route_path or self.path or "-"), self.status, self.log_model, tokens,
+                 self.log_served, time.monotonic() - self.started, self.request_id)
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), one_line(format % args, limit=1000))

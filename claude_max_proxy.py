@@ -1871,11 +1871,12 @@ class ProcessPool:
 DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking"}  # a delta's type → its text's key
 
 # The CLI writes every text delta's line in this shape (JSON.stringify, keys in
-# this order): such a line is read without parsing it whole, which in a long
-# answer would be most of the proxy's work. Its other keys (uuid, session_id)
-# are not used. Any other line is parsed whole.
-TEXT_DELTA_LINE = re.compile(r'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d+),'
-                             r'"delta":\{"type":"(text_delta|thinking_delta)","(text|thinking)":"')
+# this order): such a line, when its text has nothing escaped, is read without
+# parsing it, which in a long answer saves most of the proxy's work. Its other
+# keys (uuid, session_id) are not used. Any other line is parsed whole.
+TEXT_DELTA_LINE = re.compile(rb'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d+),'
+                             rb'"delta":\{"type":"(text_delta","text|thinking_delta","thinking)":"([^"\\]*)"\}\}')
+DELTA_LINE_KINDS = {b'text_delta","text': "text_delta", b'thinking_delta","thinking': "thinking_delta"}
 
 
 def stream_json_events(lines: Sequence[bytes]) -> list:
@@ -1887,36 +1888,44 @@ def stream_json_events(lines: Sequence[bytes]) -> list:
     """
     events, block, pieces = [], None, []  # pieces: the text of the last event, while it is a delta of `block`
     for raw in lines:
-        event = line_event(raw)
-        delta = _text_delta(event)
+        delta = read_text_delta(raw)
+        event = None if delta else line_event(raw)
+        delta = delta or _text_delta(event)
         if delta and delta[:2] == block:
             pieces.append(delta[2])
             continue
         _join_text(events, pieces)
-        events.append(event)
+        events.append(text_delta_event(*delta) if event is None else event)
         block, pieces = (delta[:2], [delta[2]]) if delta else (None, [])
     _join_text(events, pieces)
     return events
 
 
+def read_text_delta(raw: bytes) -> Optional[tuple]:
+    """(block index, delta type, text) of a plain delta line in the CLI's own shape, else None."""
+    delta = TEXT_DELTA_LINE.match(raw)
+    try:
+        return (int(delta[1]), DELTA_LINE_KINDS[delta[2]], delta[3].decode()) if delta else None
+    except UnicodeDecodeError:  # the line is parsed whole, and reported
+        return None
+
+
+def text_delta_event(index: int, kind: str, text: str) -> dict:
+    return {"type": "stream_event", "event": {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": kind, DELTA_TEXT[kind]: text}}}
+
+
 def line_event(raw: bytes) -> Union[dict, bytes]:
     """One line of the CLI's as an event, or as its bytes if it is not a JSON object."""
     try:
-        line = raw.decode()  # then parsed from str: json.loads would first guess the bytes' encoding
-        delta = TEXT_DELTA_LINE.match(line)
-        if delta and DELTA_TEXT[delta[2]] == delta[3]:
-            text, end = json.decoder.scanstring(line, delta.end())
-            if line.startswith("}}", end):
-                return {"type": "stream_event", "event": {"type": "content_block_delta", "index": int(delta[1]),
-                                                          "delta": {"type": delta[2], DELTA_TEXT[delta[2]]: text}}}
-        event = json.loads(line)
+        event = json.loads(raw.decode())  # from str: json.loads would first guess the bytes' encoding
     except ValueError:  # UnicodeDecodeError too
         return raw
     return event if isinstance(event, dict) else raw
 
 
 def _text_delta(event) -> Optional[tuple]:
-    """(block index, delta type, text) of a text or thinking delta, else None."""
+    """(block index, delta type, text) of a text or thinking delta event, else None."""
     if not isinstance(event, dict) or event.get("type") != "stream_event":
         return None
     inner = event.get("event")

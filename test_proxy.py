@@ -185,6 +185,7 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.release = threading.Event()
         self.finished = threading.Event()
         self.hung_up = threading.Event()  # the CLI closed the connection before the reply ended
+        self.headers = {}      # sent on every answer: Anthropic's rate-limit headers, say
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -206,15 +207,16 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         data = json.dumps(body).encode()
         self.send_response(status)
         for name, value in [("content-type", "application/json"), ("content-length", str(len(data))),
-                            *headers]:
+                            *self.server.headers.items(), *headers]:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def start_stream(self):
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
+        for name, value in [("content-type", "text/event-stream"), ("transfer-encoding", "chunked"),
+                            *self.server.headers.items()]:
+            self.send_header(name, value)
         self.end_headers()
 
     def event(self, event):
@@ -1500,12 +1502,27 @@ def test_a_delta_line_read_without_parsing_it_whole_is_the_event_json_would_give
     for ensure_ascii in (True, False):  # as the real CLI writes it: compact, these keys first
         line = json.dumps({**event, "session_id": "s1", "parent_tool_use_id": None, "uuid": "u1"},
                           separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
-        assert cmp.TEXT_DELTA_LINE.match(line.decode()) and cmp.line_event(line) == event
+        plain = '"' not in text and "\\" not in text and (ensure_ascii is False or text.isascii())
+        assert (cmp.read_text_delta(line) == (2, kind, text)) is plain  # else it is parsed whole
+        assert [found["event"] for found in cmp.stream_json_events([line])] == [event["event"]]
+        assert [found["event"] for found in cmp.stream_json_events([line, line])] == \
+            [text_delta_event(2, kind, text * 2)["event"]]
     spaced = json.dumps({**event, "uuid": "u1"}).encode()  # any other shape is parsed whole
-    assert cmp.line_event(spaced) == {**event, "uuid": "u1"}
-    assert cmp.line_event(b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,'
-                          b'"delta":{"type":"text_delta","text":"cut off') == \
-        b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"cut off'
+    assert cmp.read_text_delta(spaced) is None and cmp.stream_json_events([spaced]) == [{**event, "uuid": "u1"}]
+    for broken in (b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,'
+                   b'"delta":{"type":"text_delta","text":"cut off',
+                   b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,'
+                   b'"delta":{"type":"text_delta","text":"bad \xff byte"}}}'):
+        assert cmp.stream_json_events([broken]) == [broken]
+    mismatched = b'{"type":"stream_event","event":{"type":"content_block_delta","index":0,' \
+                 b'"delta":{"type":"text_delta","thinking":"x"}}}'
+    assert cmp.read_text_delta(mismatched) is None
+    assert cmp.stream_json_events([mismatched]) == [json.loads(mismatched)]
+
+
+def text_delta_event(index, kind, text):
+    return {"type": "stream_event", "event": {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": kind, cmp.DELTA_TEXT[kind]: text}}}
 
 
 def translate(lines, **options):

@@ -91,6 +91,7 @@ class Config:
     read_timeout: float = 60.0
     max_retries: int = 2
     use_api_key: bool = False
+    allow_extra_usage: bool = False
     allow_unauthenticated_remote: bool = False
     log_level: str = "info"
 
@@ -136,8 +137,8 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         conversations=args.conversations, spare_timeout=args.spare_timeout,
         conversation_timeout=args.conversation_timeout, timeout=args.timeout, read_timeout=args.read_timeout,
         max_retries=args.max_retries,
-        use_api_key=args.use_api_key, allow_unauthenticated_remote=args.allow_unauthenticated_remote,
-        log_level=args.log_level)
+        use_api_key=args.use_api_key, allow_extra_usage=args.allow_extra_usage,
+        allow_unauthenticated_remote=args.allow_unauthenticated_remote, log_level=args.log_level)
 
 
 def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentParser:
@@ -194,6 +195,9 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
     add("--use-api-key", action="store_true", default=_env_flag(env("USE_API_KEY")),
         help="let the CLI see ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN, which bills the API "
              "per token instead of your subscription ($CLAUDE_MAX_PROXY_USE_API_KEY=1)")
+    add("--allow-extra-usage", action="store_true", default=_env_flag(env("ALLOW_EXTRA_USAGE")),
+        help="go on answering while Anthropic bills requests to your account's extra usage; without it, "
+             "requests are refused until the window resets ($CLAUDE_MAX_PROXY_ALLOW_EXTRA_USAGE=1)")
     add("--allow-unauthenticated-remote", action="store_true",
         default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
         help="allow a non-loopback --host without --api-key ($CLAUDE_MAX_PROXY_ALLOW_UNAUTHENTICATED_REMOTE=1)")
@@ -277,7 +281,6 @@ EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "xhigh": "xhigh", "max": "max"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
-MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; Claude's is no looser
 NOT_IN_TOOL_USE_IDS = re.compile(r"[^A-Za-z0-9_-]")  # Claude's tool_use ids have only the others
 NO_PARAMETERS = {"type": "object", "properties": {}}
@@ -440,12 +443,11 @@ def _effort(body: dict) -> dict:
 def _stop_sequences(stop: object) -> Tuple[str, ...]:
     if stop is None:
         return ()
+    # Any number: the proxy cuts the text itself, and Continue sends more than OpenAI's four.
     stops = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to "
-                            f"{MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
-    return tuple(stops)
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of non-empty strings.", param="stop")
+    return tuple(dict.fromkeys(stops))
 
 
 def parse_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
@@ -1142,8 +1144,9 @@ class ClaudeProcess:
     functions, "spoiled" after anything else, and "fresh" before any turn.
     """
 
-    def __init__(self, config: Config, settings: LaunchSettings):
+    def __init__(self, config: Config, settings: LaunchSettings, windows: Optional["UsageWindows"] = None):
         self.launch = settings
+        self.windows = windows or UsageWindows()  # where the subscription's windows go when the CLI reports them
         self.launch_key = digest(settings)
         self.started = self.last_used = time.monotonic()
         self.state = "fresh"
@@ -1273,6 +1276,8 @@ class ClaudeProcess:
                 self.message_streaming = True
             elif stream_kind == "message_stop":
                 self.message_streaming = False
+        elif kind == "rate_limit_event":
+            self.windows.seen(event.get("rate_limit_info"))
         elif kind == "system" and event.get("subtype") == "init" and self.tools:
             dropped = dropped_tools(event, self.tools)
             if dropped:
@@ -1595,9 +1600,10 @@ class ProcessPool:
     from a CLI since replaced.
     """
 
-    def __init__(self, config: Config, stopping: threading.Event):
+    def __init__(self, config: Config, stopping: threading.Event, windows: "UsageWindows"):
         self.config = config
         self.stopping = stopping  # once set, no process is started or kept
+        self.windows = windows
         self._lock = threading.Condition()
         self._running: set = set()
         self._idle: "OrderedDict[ClaudeProcess, None]" = OrderedDict()  # least recently used first
@@ -1717,7 +1723,7 @@ class ProcessPool:
         whatever goes wrong after."""
         cli = None
         try:
-            cli = ClaudeProcess(self.config, launch)
+            cli = ClaudeProcess(self.config, launch, self.windows)
             if session is not None:
                 cli.initialize(session)
         except BaseException:
@@ -2019,6 +2025,9 @@ def answer_turn(end: TurnEnd) -> Optional[Turn]:
 
 RATE_LIMIT_RETRY_SECONDS = 60
 OVERLOADED_RETRY_SECONDS = 10
+# Anthropic's answer when it bills a request to the account's extra usage, lowercased:
+# "Third-party apps now draw from your extra usage, not your plan limits. …"
+EXTRA_USAGE_MESSAGE = "now draw from your extra usage"
 LOGIN_HINT = "run `claude` in a terminal on this machine and log in (/login)"
 
 
@@ -2328,6 +2337,9 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
     if error_kind == "authentication_failed" or status == 401 or "not logged in" in lowered:
         return ApiError(503, f"Claude Code is not logged in or its login was rejected "
                                    f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in")
+    if EXTRA_USAGE_MESSAGE in lowered:
+        return ApiError(402, f"Anthropic bills this request to your account's extra usage, not your plan: "
+                             f"{message} See 'Extra usage' in the README.", code="extra_usage_required")
     if error_kind == "rate_limit" or status == 429:
         resets_at = rate_limit.get("resetsAt")
         if isinstance(resets_at, (int, float)) and resets_at > now:
@@ -2348,6 +2360,105 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
     if error_kind == "invalid_request" or status == 400:
         return ApiError(400, str(message), code="invalid_request")
     return ApiError(502, f"Claude Code reported an error: {message}", code="upstream_error")
+
+
+# The subscription's windows, as the CLI reports them in a rate_limit_event
+# (PROTOCOL.md §12): after a turn's message, and only when they changed, so
+# the last one seen stands until another comes.
+WINDOWS = {"five_hour": "5h", "seven_day": "7d"}  # the CLI's name → Anthropic's, in its header names
+USAGE_HEADERS = ("anthropic-ratelimit-unified-status",
+                 *(f"anthropic-ratelimit-unified-{short}-{part}" for short in WINDOWS.values()
+                   for part in ("utilization", "reset", "status")))
+STATUS_ORDER = ("allowed", "allowed_warning", "rejected")
+
+
+class UsageWindows:
+    """The latest rate_limit_event's info and when it was seen, shared by every CLI."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._latest: Optional[Tuple[dict, float]] = None
+
+    def seen(self, info: object):
+        if isinstance(info, dict):
+            with self._lock:
+                self._latest = (info, self.clock())
+
+    def latest(self) -> Optional[Tuple[dict, float]]:
+        with self._lock:
+            return self._latest
+
+
+def window_status(info: dict) -> str:
+    """The worst status of the plan and its windows: a window's warning shows only in the window."""
+    found = [info.get("status"), *(window.get("status") for window in usage_windows(info).values())]
+    return max((status for status in found if status in STATUS_ORDER), key=STATUS_ORDER.index, default="allowed")
+
+
+def usage_windows(info: dict) -> Dict[str, dict]:
+    windows = info.get("unifiedWindows")
+    return {name: window for name, window in (windows.items() if isinstance(windows, dict) else ())
+            if name in WINDOWS and isinstance(window, dict)}
+
+
+def usage_report(latest: Optional[Tuple[dict, float]], now: float, allow_extra_usage: bool) -> dict:
+    """GET /v1/usage: each window's used fraction, reset time and status, and extra usage."""
+    extra = {"allowed": allow_extra_usage, "in_use": None}
+    if latest is None:
+        return {"object": "usage", "windows": None, "extra_usage": extra,
+                "reason": "Claude Code has not reported the subscription's windows yet: it does after a "
+                          "request's answer, and never when it bills an API key."}
+    info, seen_at = latest
+    windows = {}
+    for name, window in usage_windows(info).items():
+        resets_at = window.get("resetsAt")
+        reset = isinstance(resets_at, (int, float))
+        passed = reset and resets_at <= now
+        windows[name] = {"used": None if passed else window.get("utilization"),
+                         "status": "reset" if passed else window.get("status") or "allowed",
+                         "resets_at": iso_time(resets_at) if reset else None,
+                         "resets_in_seconds": max(int(resets_at - now), 0) if reset else None}
+    extra.update(in_use=bool(info.get("isUsingOverage")), status=info.get("overageStatus"),
+                 disabled_reason=info.get("overageDisabledReason"))
+    return {"object": "usage", "status": window_status(info), "windows": windows, "extra_usage": extra,
+            "seen_at": iso_time(seen_at), "age_seconds": max(int(now - seen_at), 0)}
+
+
+def usage_headers(latest: Optional[Tuple[dict, float]], now: float) -> List[Tuple[str, str]]:
+    """The windows as Anthropic's own response headers, which tools already read; none that have reset."""
+    if latest is None:
+        return []
+    info = latest[0]
+    headers = [("anthropic-ratelimit-unified-status", window_status(info))]
+    for name, window in usage_windows(info).items():
+        resets_at, used = window.get("resetsAt"), window.get("utilization")
+        if isinstance(resets_at, (int, float)) and resets_at <= now:
+            continue
+        prefix = f"anthropic-ratelimit-unified-{WINDOWS[name]}"
+        if isinstance(used, (int, float)):
+            headers.append((f"{prefix}-utilization", f"{used:g}"))
+        if isinstance(resets_at, (int, float)):
+            headers.append((f"{prefix}-reset", str(int(resets_at))))
+        if window.get("status") in STATUS_ORDER:
+            headers.append((f"{prefix}-status", window["status"]))
+    return headers
+
+
+def extra_usage_refusal(latest: Optional[Tuple[dict, float]], now: float) -> Optional[ApiError]:
+    """The error for a request while Anthropic bills extra usage, until the window that ran out resets."""
+    info = latest[0] if latest else {}
+    resets_at = info.get("resetsAt")
+    if not info.get("isUsingOverage") or not isinstance(resets_at, (int, float)) or resets_at <= now:
+        return None
+    return ApiError(402, f"Your plan's {info.get('rateLimitType') or 'usage'} window is used up and Anthropic "
+                         f"now bills requests to your account's extra usage; the proxy refuses them until the "
+                         f"window resets at {iso_time(resets_at)}. Start it with --allow-extra-usage to go on.",
+                    code="extra_usage_in_use", retry_after=max(int(resets_at - now), 1))
+
+
+def iso_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 # ── 7. The OpenAI response: events → chat.completion(.chunk) / response dicts (pure)
@@ -2645,9 +2756,10 @@ REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room fo
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
-ROUTES = {"/health": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
+ROUTES = {"/health": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
           "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
+COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses")  # their answers carry the usage windows
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
@@ -2823,7 +2935,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.gate = AdmissionGate(config.max_concurrency, QUEUE_LENGTH, QUEUE_WAIT_SECONDS)
         self.stored = ResponseStore()
         self.stopping = threading.Event()
-        self.pool = ProcessPool(config, self.stopping)
+        self.windows = UsageWindows()
+        self.pool = ProcessPool(config, self.stopping, self.windows)
         # Requests under way: from a connection's accept, or a kept-alive one's next first byte, to
         # the request's log line. Shutdown waits for them: none is cut off unanswered.
         self._handling = 0
@@ -3064,7 +3177,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if route == "/health":
             self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
                                  "in_flight": self.server.gate.running, "queued": self.server.gate.waiting,
-                                 "processes": self.server.pool.counts()})
+                                 "processes": self.server.pool.counts(),
+                                 # A monitor needs no key; the subscription's use is the key holder's to see.
+                                 "usage": self.usage_report() if self.key_given() else None})
+        elif route == "/v1/usage":
+            self.send_json(200, self.usage_report())
         elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
         elif route == "/v1/models/{id}":
@@ -3090,14 +3207,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return "*" in origins or origin in origins
 
     def check_api_key(self):
-        key = self.server.config.api_key
-        if key is None:
-            return
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if not self.key_given():
             raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the "
                                 "key given to --api-key.", code="invalid_api_key",
                            headers=[("WWW-Authenticate", "Bearer")])
+
+    def key_given(self) -> bool:
+        """Whether the request carries the --api-key, if there is one."""
+        key = self.server.config.api_key
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        return key is None or scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
     def read_json(self) -> object:
         """The body, within --read-timeout, parsed; check_head has checked its length."""
@@ -3203,6 +3322,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_reply(self, request: ChatRequest, at_end: Callable[[], None] = lambda: None):
         """Answer with the turn, streamed or as one body; at_end runs before the client hears the end,
         so that a client's next request finds what at_end kept."""
+        refusal = extra_usage_refusal(self.server.windows.latest(), time.time())
+        if refusal and not self.server.config.allow_extra_usage:
+            raise refusal
         with self.server.gate.slot(self.client_gone), self.lease(request) as lease, \
                 closing(self.answer(lease, request)) as events:
             self.log_served = lease.served
@@ -3228,13 +3350,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if isinstance(event, TurnEnd):
                     self.end_sse()  # now: stopping the CLI can take a moment more
 
+    def usage_report(self) -> dict:
+        return usage_report(self.server.windows.latest(), time.time(), self.server.config.allow_extra_usage)
+
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
+        if self.route_path and match_route(self.route_path)[0] in COMPLETION_ROUTES:
+            headers += usage_headers(self.server.windows.latest(), time.time())
         origin = self.headers.get("Origin") if self.headers is not None else None  # None: bad request line
         if origin and self.cors_allows(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                        ("Access-Control-Expose-Headers", "x-request-id, retry-after")]
+                        ("Access-Control-Expose-Headers", ", ".join(("x-request-id", "retry-after", *USAGE_HEADERS)))]
         return headers
 
     def send_head(self, status: int, headers: Sequence[Tuple[str, str]]):
@@ -3369,8 +3496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: None)
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
-    log.info("claude-max-proxy %s on http://%s:%d/v1 (Claude Code %s)", __version__,
-             config.host, server.server_address[1], cli_version)
+    log.info("claude-max-proxy %s on http://%s:%d/v1 (Claude Code %s; extra usage %s)", __version__,
+             config.host, server.server_address[1], cli_version,
+             "allowed" if config.allow_extra_usage else "refused, --allow-extra-usage to allow it")
     os.read(wakeup, 1)
     log.info("shutting down")
     server.drain_and_close()

@@ -899,9 +899,12 @@ def echo(reply: Response) -> dict:
 def test_options_fall_back_to_environment_variables():
     config = cmp.parse_config([], {"CLAUDE_MAX_PROXY_PORT": "8080", "CLAUDE_MAX_PROXY_API_KEY": "k",
                                    "CLAUDE_MAX_PROXY_CORS_ORIGINS": "http://a, http://b",
-                                   "CLAUDE_MAX_PROXY_USE_API_KEY": "1", "CLAUDE_MAX_PROXY_TIMEOUT": "30"})
-    assert (config.port, config.api_key, config.cors_origins, config.use_api_key, config.timeout) == \
-        (8080, "k", ("http://a", "http://b"), True, 30.0)
+                                   "CLAUDE_MAX_PROXY_USE_API_KEY": "1", "CLAUDE_MAX_PROXY_TIMEOUT": "30",
+                                   "CLAUDE_MAX_PROXY_ALLOW_EXTRA_USAGE": "yes"})
+    assert (config.port, config.api_key, config.cors_origins, config.use_api_key, config.timeout,
+            config.allow_extra_usage) == (8080, "k", ("http://a", "http://b"), True, 30.0, True)
+    assert cmp.parse_config(["--allow-extra-usage"], {}).allow_extra_usage
+    assert not cmp.parse_config([], {}).allow_extra_usage
 
 
 def test_command_line_beats_environment():
@@ -997,7 +1000,7 @@ def parse(**body):
     ({"model": "claude-sonnet-4", "messages": [USER], "max_tokens": 0}, "max_tokens"),
     ({"model": "claude-sonnet-4", "messages": [USER], "max_completion_tokens": True}, "max_completion_tokens"),
     ({"model": "claude-sonnet-4", "messages": [USER], "reasoning_effort": "extreme"}, "reasoning_effort"),
-    ({"model": "claude-sonnet-4", "messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stop": ["a", 5]}, "stop"),
     ({"model": "claude-sonnet-4", "messages": [USER], "stop": [""]}, "stop"),
     ({"model": "claude-sonnet-4", "messages": [USER], "logprobs": True}, "logprobs"),
 ])
@@ -1610,6 +1613,14 @@ def test_stop_sequences_cut_the_text(pieces, stops, sent, stop_reason):
     assert (out[-1].stop_reason, out[-1].text) == (stop_reason, sent)
 
 
+def test_any_number_of_stop_strings_is_accepted_as_continue_sends_them():
+    stops = ["</s>", "\n\n\n", "```", "<|endoftext|>", "[/INST]", "STOP", "STOP"]
+    request = cmp.parse_chat_request({"model": "claude-sonnet-4", "messages": [USER], "stop": stops})
+    assert request.stop == ("</s>", "\n\n\n", "```", "<|endoftext|>", "[/INST]", "STOP")
+    _, out = translate([message_start(), text_delta("one [/IN"), text_delta("ST] two"), success()], stop=request.stop)
+    assert (out[-1].stop_reason, out[-1].text) == ("stop_sequence", "one ")
+
+
 def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_stream():
     interrupted = {"type": "result", "subtype": "error_during_execution", "is_error": True,
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
@@ -1766,6 +1777,82 @@ def test_not_logged_in_says_how_to_log_in():
         translate(failure("Not logged in · Please run /login", None, "authentication_failed"))
     assert "run `claude`" in caught.value.message and "log in" in caught.value.message
 
+
+
+def test_extra_usage_billing_is_402_extra_usage_required():
+    message = ('API Error: 400 {"type":"error","error":{"type":"invalid_request_error","message":"Third-party '
+               'apps now draw from your extra usage, not your plan limits. Claim it at claude.ai/settings/usage"}}')
+    with pytest.raises(ApiError) as caught:
+        translate(failure(message, 400, "invalid_request"))
+    assert (caught.value.status, caught.value.code) == (402, "extra_usage_required")
+    assert "extra usage" in caught.value.message and "Retry-After" not in dict(caught.value.headers)
+
+
+NOW = 1_800_000_000
+WARNING = {"status": "allowed", "resetsAt": NOW + 3600, "rateLimitType": "five_hour", "isUsingOverage": False,
+           "overageStatus": "rejected", "overageDisabledReason": "org_level_disabled",
+           "unifiedWindows": {"five_hour": {"utilization": 0.87, "resetsAt": NOW + 3600, "status": "allowed_warning"},
+                              "seven_day": {"utilization": 0.41, "resetsAt": NOW + 86400}}}
+OVERAGE = {"status": "rejected", "resetsAt": NOW + 600, "rateLimitType": "five_hour", "isUsingOverage": True,
+           "overageStatus": "allowed",
+           "unifiedWindows": {"five_hour": {"utilization": 1, "resetsAt": NOW + 600, "status": "rejected"}}}
+
+
+def test_usage_report_has_each_window_and_how_old_it_is():
+    assert cmp.usage_report((WARNING, NOW - 30), NOW, allow_extra_usage=False) == {
+        "object": "usage", "status": "allowed_warning", "seen_at": "2027-01-15T07:59:30Z", "age_seconds": 30,
+        "windows": {
+            "five_hour": {"used": 0.87, "status": "allowed_warning", "resets_at": "2027-01-15T09:00:00Z",
+                          "resets_in_seconds": 3600},
+            "seven_day": {"used": 0.41, "status": "allowed", "resets_at": "2027-01-16T08:00:00Z",
+                          "resets_in_seconds": 86400}},
+        "extra_usage": {"allowed": False, "in_use": False, "status": "rejected",
+                        "disabled_reason": "org_level_disabled"}}
+
+
+def test_usage_report_before_any_window_was_seen_says_why():
+    report = cmp.usage_report(None, NOW, allow_extra_usage=True)
+    assert report["windows"] is None and "API key" in report["reason"]
+    assert report["extra_usage"] == {"allowed": True, "in_use": None}
+
+
+def test_a_window_past_its_reset_no_longer_shows_what_was_used():
+    report = cmp.usage_report((WARNING, NOW), NOW + 7200, allow_extra_usage=False)
+    assert report["windows"]["five_hour"] == {"used": None, "status": "reset", "resets_at": "2027-01-15T09:00:00Z",
+                                              "resets_in_seconds": 0}
+    assert report["windows"]["seven_day"]["used"] == 0.41
+    assert dict(cmp.usage_headers((WARNING, NOW), NOW + 7200)) == {
+        "anthropic-ratelimit-unified-status": "allowed_warning",
+        "anthropic-ratelimit-unified-7d-utilization": "0.41", "anthropic-ratelimit-unified-7d-reset": str(NOW + 86400)}
+
+
+def test_usage_headers_are_anthropics_own():
+    assert cmp.usage_headers(None, NOW) == []
+    assert cmp.usage_headers((WARNING, NOW), NOW) == [
+        ("anthropic-ratelimit-unified-status", "allowed_warning"),
+        ("anthropic-ratelimit-unified-5h-utilization", "0.87"),
+        ("anthropic-ratelimit-unified-5h-reset", str(NOW + 3600)),
+        ("anthropic-ratelimit-unified-5h-status", "allowed_warning"),
+        ("anthropic-ratelimit-unified-7d-utilization", "0.41"),
+        ("anthropic-ratelimit-unified-7d-reset", str(NOW + 86400))]
+    assert dict(cmp.usage_headers((OVERAGE, NOW), NOW))["anthropic-ratelimit-unified-status"] == "rejected"
+
+
+def test_extra_usage_in_use_is_refused_until_the_window_resets():
+    refusal = cmp.extra_usage_refusal((OVERAGE, NOW), NOW + 100)
+    assert (refusal.status, refusal.code) == (402, "extra_usage_in_use")
+    assert ("Retry-After", "500") in refusal.headers and "--allow-extra-usage" in refusal.message
+    assert cmp.extra_usage_refusal((OVERAGE, NOW), NOW + 600) is None
+    assert cmp.extra_usage_refusal((WARNING, NOW), NOW) is None
+    assert cmp.extra_usage_refusal(None, NOW) is None
+
+
+def test_every_cli_reports_the_windows_it_sees_to_one_place():
+    windows = cmp.UsageWindows(clock=lambda: NOW)
+    windows.seen("not a dict")
+    assert windows.latest() is None
+    windows.seen(WARNING)
+    assert windows.latest() == (WARNING, NOW)
 
 # ── 7. The OpenAI response ──────────────────────────────────────────────────
 
@@ -2248,7 +2335,9 @@ def test_queued_request_gives_up_with_429(start_proxy, fake, monkeypatch):
 def test_health(client):
     body = client.call("GET", "/health").json()
     assert body == {"status": "ok", "claude_version": "2.1.329", "in_flight": 0, "queued": 0,
-                    "processes": {"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8}}
+                    "processes": {"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8},
+                    "usage": client.call("GET", "/v1/usage").json()}
+    assert body["usage"]["windows"] is None
 
 
 def test_models(client):
@@ -3919,6 +4008,85 @@ def test_real_rate_limit_is_429_with_the_upstreams_retry_after(start_real_proxy,
     reply = start_real_proxy(max_retries=1).chat()  # the CLI waits out the retry-after once, then gives up
     assert reply.status == 429 and reply.headers["retry-after"] == "2"
     assert reply.error["type"] == "rate_limit_error" and "exceeded your limit" in reply.error["message"]
+
+
+def unified_headers(status, used, resets_in, *, weekly=0.41, overage=None) -> dict:
+    """Anthropic's rate-limit headers for the subscription: the 5-hour window, the 7-day one, overage."""
+    reset = int(time.time()) + resets_in
+    headers = {"anthropic-ratelimit-unified-status": status, "anthropic-ratelimit-unified-reset": str(reset),
+               "anthropic-ratelimit-unified-representative-claim": "five_hour",
+               "anthropic-ratelimit-unified-5h-status": status, "anthropic-ratelimit-unified-5h-utilization": str(used),
+               "anthropic-ratelimit-unified-5h-reset": str(reset),
+               "anthropic-ratelimit-unified-7d-status": "allowed", "anthropic-ratelimit-unified-7d-utilization": str(weekly),
+               "anthropic-ratelimit-unified-7d-reset": str(reset + 86400)}
+    if overage:
+        headers.update({"anthropic-ratelimit-unified-overage-status": "allowed",
+                        "anthropic-ratelimit-unified-overage-in-use": "true"})
+    return headers
+
+
+def test_real_usage_windows_show_in_usage_health_and_every_answers_headers(start_real_proxy, upstream):
+    upstream.headers = unified_headers("allowed_warning", 0.87, 3600)
+    proxy, key = start_real_proxy(api_key="k"), {"Authorization": "Bearer k"}
+    before = proxy.call("GET", "/v1/usage", headers=key).json()
+    assert before["windows"] is None and before["reason"]
+    reply = proxy.chat(headers=key)
+    assert reply.status == 200  # a warning is no error
+    assert reply.headers["anthropic-ratelimit-unified-status"] == "allowed_warning"
+    assert (reply.headers["anthropic-ratelimit-unified-5h-utilization"],
+            reply.headers["anthropic-ratelimit-unified-7d-utilization"]) == ("0.87", "0.41")
+    assert int(reply.headers["anthropic-ratelimit-unified-5h-reset"]) == int(upstream.headers[
+        "anthropic-ratelimit-unified-5h-reset"])
+    usage = proxy.call("GET", "/v1/usage", headers=key).json()
+    assert usage["status"] == "allowed_warning" and usage["age_seconds"] <= 5
+    assert usage["windows"]["five_hour"]["used"] == 0.87 and usage["windows"]["seven_day"]["used"] == 0.41
+    assert 3500 <= usage["windows"]["five_hour"]["resets_in_seconds"] <= 3600
+    assert usage["extra_usage"]["in_use"] is False and usage["extra_usage"]["allowed"] is False
+    assert proxy.call("GET", "/health", headers=key).json()["usage"]["windows"] == usage["windows"]
+    assert proxy.call("GET", "/health").json()["usage"] is None  # the window is the key holder's to see
+    upstream.headers = unified_headers("allowed_warning", 0.9, 3600)
+    streamed, frames = proxy.open_stream(headers=key)
+    list(frames)
+    assert streamed.getheader("anthropic-ratelimit-unified-5h-utilization") == "0.87"  # as last seen
+    conn, response = proxy.post_streaming("/v1/responses", {"input": "hi"}, key)
+    response.read()
+    conn.close()
+    assert response.getheader("anthropic-ratelimit-unified-5h-utilization") == "0.9"  # the stream before saw it
+
+
+def test_real_rejected_window_is_429_until_its_reset(start_real_proxy, upstream):
+    upstream.headers = unified_headers("rejected", 1.0, 1000)
+    upstream.default = fail(429, "rate_limit_error", "Usage limit reached")
+    proxy = start_real_proxy(max_retries=0)
+    reply = proxy.chat()
+    assert (reply.status, reply.error["code"]) == (429, "rate_limit_exceeded")
+    assert 990 <= int(reply.headers["retry-after"]) <= 1000
+    assert reply.headers["anthropic-ratelimit-unified-status"] == "rejected"
+    assert proxy.call("GET", "/v1/usage").json()["windows"]["five_hour"]["status"] == "rejected"
+
+
+def test_real_extra_usage_in_use_is_refused_unless_allowed(start_real_proxy, upstream):
+    upstream.headers = unified_headers("rejected", 1.0, 900, overage=True)
+    proxy = start_real_proxy()
+    assert proxy.chat().status == 200  # billed to extra usage: the CLI only says so afterwards
+    posts = len(upstream.posts)
+    refused = proxy.chat()
+    assert (refused.status, refused.error["code"]) == (402, "extra_usage_in_use")
+    assert 890 <= int(refused.headers["retry-after"]) <= 900 and len(upstream.posts) == posts
+    assert proxy.respond().status == 402
+    assert proxy.call("GET", "/v1/usage").json()["extra_usage"] == {
+        "allowed": False, "in_use": True, "status": "allowed", "disabled_reason": None}
+    allowed = start_real_proxy(allow_extra_usage=True)
+    assert [allowed.chat().status, allowed.chat().status] == [200, 200]
+    assert allowed.call("GET", "/v1/usage").json()["extra_usage"]["allowed"] is True
+
+
+def test_real_extra_usage_billing_is_402_extra_usage_required(start_real_proxy, upstream):
+    upstream.default = fail(400, "invalid_request_error", "Third-party apps now draw from your extra usage, not "
+                                                          "your plan limits. Add more at claude.ai/settings/usage.")
+    reply = start_real_proxy(max_retries=0).chat()
+    assert (reply.status, reply.error["code"]) == (402, "extra_usage_required")
+    assert "claude.ai/settings/usage" in reply.error["message"]
 
 
 def test_real_overloaded_is_503_with_retry_after(start_real_proxy, upstream):

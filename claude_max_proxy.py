@@ -1608,6 +1608,7 @@ class ProcessPool:
         self._running: set = set()
         self._idle: "OrderedDict[ClaudeProcess, None]" = OrderedDict()  # least recently used first
         self._starting = self._closing = 0  # processes on their way in or out, counted in the budget
+        self.starts = 0  # ever
         self._wanted: List[Wanted] = []  # for the latest new conversations, oldest first
         self._last_session: "OrderedDict[str, str]" = OrderedDict()  # launch digest → its latest session's
         self._refill_after = 0.0  # no spare starts before this time.monotonic()
@@ -1645,6 +1646,7 @@ class ProcessPool:
             if cli is None:
                 unusable += self._make_room()
                 self._starting += 1
+                self.starts += 1
             else:
                 self._running.add(cli)
             self._closing += len(unusable)
@@ -1811,6 +1813,7 @@ class ProcessPool:
                 self._closing += len(unusable)
                 wanted = self._missing_spares() if time.monotonic() >= self._refill_after else []
                 self._starting += len(wanted)
+                self.starts += len(wanted)
             self._stop(unusable)
             for spare in wanted:
                 try:
@@ -2756,7 +2759,7 @@ REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room fo
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
-ROUTES = {"/health": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
+ROUTES = {"/health": ("GET",), "/metrics": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
           "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses")  # their answers carry the usage windows
@@ -2922,6 +2925,129 @@ class ClientReads(io.RawIOBase):
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
 
+# What GET /metrics shows, in Prometheus's text format: counted as each
+# request ends, and read with the pool's and the windows' state of the moment.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+MODEL_LABELS = 20  # distinct models counted by name; any more are counted as "other"
+METRIC_PREFIX = "claude_max_proxy_"
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+
+
+class Histogram:
+    def __init__(self):
+        self.buckets = [0] * len(LATENCY_BUCKETS)  # cumulative, as Prometheus counts them
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float):
+        for number, bound in enumerate(LATENCY_BUCKETS):
+            self.buckets[number] += seconds <= bound
+        self.sum += seconds
+        self.count += 1
+
+
+class Metrics:
+    """The counters and histograms of answered requests; thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Dict[Tuple[str, str, str], int] = {}  # (endpoint, model, status) → count
+        self.duration: Dict[str, Histogram] = {}             # endpoint → request durations
+        self.first_token: Dict[str, Histogram] = {}          # endpoint → time to a stream's first delta
+        self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
+        self.turns = dict.fromkeys(("cold", "warm", "continued"), 0)
+
+    def request_done(self, endpoint: str, model: str, status: int, seconds: float,
+                     first_token: Optional[float], usage: Optional[Usage], served: str):
+        with self._lock:
+            models = {key[1] for key in self.requests}
+            if model not in models and len(models) >= MODEL_LABELS:
+                model = "other"
+            key = (endpoint, model, str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.duration.setdefault(endpoint, Histogram()).observe(seconds)
+            if first_token is not None:
+                self.first_token.setdefault(endpoint, Histogram()).observe(first_token)
+            if usage:
+                counts = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+                for kind, count in zip(TOKEN_KINDS, counts):
+                    self.tokens[kind] += count
+            if served in self.turns:
+                self.turns[served] += 1
+
+    def render(self, processes: dict, cli_starts: int, in_flight: int, queued: int,
+               windows: Optional[Tuple[dict, float]], now: float) -> str:
+        out = MetricsText()
+        with self._lock:
+            out.family("requests_total", "counter", "Requests answered, by endpoint, model and HTTP status.")
+            for (endpoint, model, status), count in sorted(self.requests.items()):
+                out.sample("requests_total", count, endpoint=endpoint, model=model, status=status)
+            out.histogram("request_duration_seconds", "From a request's first byte to its answer's end.",
+                          self.duration)
+            out.histogram("time_to_first_token_seconds", "From a streamed request's first byte to its first delta.",
+                          self.first_token)
+            out.family("tokens_total", "counter", "Tokens of answered turns, as Anthropic counted them.")
+            for kind, count in self.tokens.items():
+                out.sample("tokens_total", count, kind=kind)
+            out.family("turns_total", "counter", "Turns by the CLI that ran them: started for the request "
+                                                "(cold), a spare (warm), or the conversation's own (continued).")
+            for served, count in self.turns.items():
+                out.sample("turns_total", count, served=served)
+        out.family("cli_processes", "gauge", "CLI processes alive, by state.")
+        for state in ("running", "live", "held", "spare"):
+            out.sample("cli_processes", processes[state], state=state)
+        out.gauge("cli_processes_limit", "CLI processes allowed at once (--max-processes).", processes["limit"])
+        out.family("cli_starts_total", "counter", "CLI processes started.")
+        out.sample("cli_starts_total", cli_starts)
+        out.gauge("requests_in_flight", "Requests running a turn.", in_flight)
+        out.gauge("requests_queued", "Requests waiting for a free slot.", queued)
+        if windows is not None:
+            info, seen_at = windows
+            out.family("usage_window_utilization", "gauge", "The fraction of each subscription window used.")
+            out.family("usage_window_reset_timestamp_seconds", "gauge", "When each subscription window resets.")
+            for name, window in usage_windows(info).items():
+                if isinstance(window.get("utilization"), (int, float)):
+                    out.sample("usage_window_utilization", window["utilization"], window=name)
+                if isinstance(window.get("resetsAt"), (int, float)):
+                    out.sample("usage_window_reset_timestamp_seconds", window["resetsAt"], window=name)
+            out.gauge("usage_report_age_seconds", "How long ago the CLI last reported the windows.", now - seen_at)
+            out.gauge("extra_usage_in_use", "1 while Anthropic bills requests to the account's extra usage.",
+                      int(bool(info.get("isUsingOverage"))))
+        return out.text()
+
+
+class MetricsText:
+    """Prometheus's text exposition format, written family by family."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+
+    def family(self, name: str, kind: str, help_text: str):
+        self.lines += [f"# HELP {METRIC_PREFIX}{name} {help_text}", f"# TYPE {METRIC_PREFIX}{name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: str):
+        escaped = (str(text).replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n")
+                   for text in labels.values())
+        label_text = ",".join(f'{key}="{value}"' for key, value in zip(labels, escaped))
+        self.lines.append(f"{METRIC_PREFIX}{name}{{{label_text}}} {value!r}" if label_text
+                          else f"{METRIC_PREFIX}{name} {value!r}")
+
+    def gauge(self, name: str, help_text: str, value: float):
+        self.family(name, "gauge", help_text)
+        self.sample(name, value)
+
+    def histogram(self, name: str, help_text: str, by_endpoint: Dict[str, Histogram]):
+        self.family(name, "histogram", help_text)
+        for endpoint, histogram in sorted(by_endpoint.items()):
+            for bound, count in zip((*map(repr, LATENCY_BUCKETS), "+Inf"), (*histogram.buckets, histogram.count)):
+                self.sample(f"{name}_bucket", count, endpoint=endpoint, le=bound)
+            self.sample(f"{name}_sum", histogram.sum, endpoint=endpoint)
+            self.sample(f"{name}_count", histogram.count, endpoint=endpoint)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -2936,6 +3062,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.stored = ResponseStore()
         self.stopping = threading.Event()
         self.windows = UsageWindows()
+        self.metrics = Metrics()
         self.pool = ProcessPool(config, self.stopping, self.windows)
         # Requests under way: from a connection's accept, or a kept-alive one's next first byte, to
         # the request's log line. Shutdown waits for them: none is cut off unanswered.
@@ -3054,7 +3181,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.request_version = self.protocol_version  # whatever the request line said, answer in HTTP/1.1
             self.send_api_error(err)
-            self.log_access()
+            self.request_finished()
             return
         self.handle_method()
 
@@ -3134,6 +3261,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log_model = "-"
         self.log_usage: Optional[Usage] = None
         self.log_served = "-"  # how a turn got its CLI: cold, warm or continued
+        self.first_token: Optional[float] = None  # seconds from the start to a stream's first delta
         self.status = 0
         given_id = self.headers.get("x-request-id", "") if self.headers is not None else ""
         self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
@@ -3151,7 +3279,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                          code="internal_error"))
             raise
         finally:
-            self.log_access()
+            self.request_finished()
 
     def route(self):
         route, item = match_route(self.route_path)
@@ -3182,6 +3310,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  "usage": self.usage_report() if self.key_given() else None})
         elif route == "/v1/usage":
             self.send_json(200, self.usage_report())
+        elif route == "/metrics":
+            self.send_metrics()
         elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
         elif route == "/v1/models/{id}":
@@ -3341,6 +3471,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.send_unsent()
                     continue
                 self.begin_stream()
+                if self.first_token is None and not isinstance(event, TurnEnd):
+                    self.first_token = time.monotonic() - self.started
                 frames = self.reply.feed(event)
                 if isinstance(event, TurnEnd):
                     self.send_unsent()  # the last words first: what follows takes longer with a long history
@@ -3376,6 +3508,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
         except OSError:
             raise ClientGone() from None
+
+    def send_metrics(self):
+        server = self.server
+        data = server.metrics.render(server.pool.counts(), server.pool.starts, server.gate.running,
+                                     server.gate.waiting, server.windows.latest(), time.time()).encode()
+        self.send_head(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                             ("Content-Length", str(len(data)))])
+        self.write(data)
 
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
         data = json_bytes(body)
@@ -3450,7 +3590,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         left = self.started + self.server.config.timeout - time.monotonic()
         self.connection.settimeout(max(left, WRITE_GRACE_SECONDS))
 
-    # ── logging: one line a request, never prompt or completion text ──
+    # ── at the end of a request: its metrics, and one log line, never prompt or completion text ──
+    def request_finished(self):
+        route = match_route(self.route_path)[0] if self.route_path else None
+        self.server.metrics.request_done(route or "other", self.log_model, self.status,
+                                         time.monotonic() - self.started, self.first_token, self.log_usage,
+                                         self.log_served)
+        self.log_access()
+
     def log_access(self):
         usage = self.log_usage
         tokens = f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-"

@@ -2340,6 +2340,76 @@ def test_health(client):
     assert body["usage"]["windows"] is None
 
 
+def metric_samples(text: str) -> dict:
+    """{(name, frozenset of label pairs): value} of a Prometheus text exposition."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_and_labels, value = line.rsplit(" ", 1)
+            name, _, labels = name_and_labels.partition("{")
+            pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)
+            samples[name, frozenset(pairs)] = float(value)
+    return samples
+
+
+def check_with_promtool(text: str):
+    """Prometheus's own linter on an exposition: CI installs it (.ci/run sets CI); elsewhere, if it is here."""
+    if not shutil.which("promtool"):
+        assert not os.environ.get("CI"), "promtool is missing: CI installs Debian's package prometheus"
+        return
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+
+
+def test_metrics_count_requests_tokens_latency_and_processes(start_proxy):
+    proxy = start_proxy(api_key="k")
+    key = {"Authorization": "Bearer k"}
+    assert proxy.call("GET", "/metrics").status == 401  # the API's own rule
+    assert proxy.chat(headers=key).status == 200
+    reply, frames = proxy.open_stream(headers=key)
+    list(frames)
+    assert proxy.chat(headers=key, model="gpt-nope").status == 404
+    scrape = proxy.call("GET", "/metrics", headers=key)
+    assert scrape.status == 200 and scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = metric_samples(scrape.text)
+    chat = ("endpoint", "/v1/chat/completions")
+    assert samples["claude_max_proxy_requests_total", frozenset(
+        {chat, ("model", "claude-sonnet-4"), ("status", "200")})] == 2
+    assert samples["claude_max_proxy_requests_total", frozenset({chat, ("model", "gpt-nope"), ("status", "404")})] == 1
+    assert samples["claude_max_proxy_request_duration_seconds_count", frozenset({chat})] == 3
+    assert samples["claude_max_proxy_request_duration_seconds_bucket", frozenset({chat, ("le", "+Inf")})] == 3
+    assert samples["claude_max_proxy_time_to_first_token_seconds_count", frozenset({chat})] == 1  # the stream
+    assert samples["claude_max_proxy_tokens_total", frozenset({("kind", "output")})] > 0
+    assert samples["claude_max_proxy_cli_starts_total", frozenset()] >= 2
+    assert samples["claude_max_proxy_cli_processes_limit", frozenset()] == 8
+    assert ("claude_max_proxy_cli_processes", frozenset({("state", "running")})) in samples
+    check_with_promtool(scrape.text)
+
+
+def test_metrics_labels_are_escaped_and_models_bounded():
+    metrics = cmp.Metrics()
+    for number in range(cmp.MODEL_LABELS + 5):
+        metrics.request_done("/v1/chat/completions", f'm{number}"\\\n', 400, 0.01, None, None, "-")
+    text = metrics.render({"running": 0, "live": 0, "held": 0, "spare": 0, "limit": 8}, 0, 0, 0, None, 0)
+    models = {dict(labels)["model"] for name, labels in metric_samples(text) if name.endswith("requests_total")}
+    assert len(models) == cmp.MODEL_LABELS + 1 and "other" in models
+    assert 'model="m0\\"\\\\\\n"' in text
+
+
+def test_metrics_show_the_usage_windows(start_real_proxy, upstream):
+    upstream.headers = unified_headers("allowed_warning", 0.87, 3600)
+    proxy = start_real_proxy()
+    assert proxy.chat().status == 200
+    text = proxy.call("GET", "/metrics").text
+    samples = metric_samples(text)
+    assert samples["claude_max_proxy_usage_window_utilization", frozenset({("window", "five_hour")})] == 0.87
+    assert samples["claude_max_proxy_usage_window_utilization", frozenset({("window", "seven_day")})] == 0.41
+    assert samples["claude_max_proxy_usage_window_reset_timestamp_seconds", frozenset(
+        {("window", "five_hour")})] == int(upstream.headers["anthropic-ratelimit-unified-5h-reset"])
+    assert samples["claude_max_proxy_extra_usage_in_use", frozenset()] == 0
+    check_with_promtool(text)
+
+
 def test_models(client):
     listing = client.call("GET", "/v1/models").json()
     assert listing["object"] == "list"

@@ -2759,13 +2759,189 @@ REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room fo
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
-ROUTES = {"/health": ("GET",), "/metrics": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
+ROUTES = {"/": ("GET",), "/health": ("GET",), "/metrics": ("GET",), "/v1/status": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
           "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses")  # their answers carry the usage windows
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
+
+
+# GET / : a status page for people, self-contained so that it works offline. It
+# holds no data: its script reads /v1/status with the key the user types in,
+# kept in the tab's sessionStorage, never in a URL. Its text comes from the
+# proxy and its clients, so the script sets text, never markup.
+STATUS_SCRIPT = r"""
+"use strict";
+const REFRESH_MS = 5000;
+const WINDOW_NAMES = {five_hour: "5-hour window", seven_day: "7-day window"};
+const $ = (id) => document.getElementById(id);
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);  // text, never markup: model names come from clients
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function duration(seconds) {
+  const hours = Math.floor(seconds / 3600), minutes = Math.floor(seconds % 3600 / 60);
+  return hours >= 24 ? `${Math.floor(hours / 24)} d ${hours % 24} h` : hours ? `${hours} h ${minutes} min` : `${minutes} min`;
+}
+
+function showWindows(usage) {
+  const box = $("windows");
+  box.replaceChildren();
+  if (!usage || !usage.windows) {
+    box.append(element("div", usage ? usage.reason : "", "muted"));
+    return;
+  }
+  for (const [name, window] of Object.entries(usage.windows)) {
+    const row = element("div", undefined, "window");
+    row.dataset.window = name;
+    const label = element("div", undefined, "label");
+    const used = window.used === null ? "reset" : `${Math.round(window.used * 100)} % used`;
+    label.append(element("span", `${WINDOW_NAMES[name] || name}: ${used} (${window.status})`));
+    label.append(element("span", window.resets_at ?
+      `resets ${new Date(window.resets_at).toLocaleString()} (in ${duration(window.resets_in_seconds)})` : "", "muted"));
+    const bar = element("div", undefined, "bar"), fill = element("div", undefined, `fill ${window.status}`);
+    fill.style.width = `${Math.min(window.used || 0, 1) * 100}%`;
+    bar.append(fill);
+    row.append(label, bar);
+    box.append(row);
+  }
+  const extra = usage.extra_usage;
+  box.append(element("div", `Extra usage: ${extra.in_use ? "in use" : "not in use"}; the proxy ` +
+    `${extra.allowed ? "allows it" : "refuses requests while it is in use"}. Reported ${duration(usage.age_seconds)} ago.`,
+    extra.in_use ? "bad" : "muted"));
+}
+
+function showFacts(status) {
+  const facts = [["Claude Code", status.claude_version], ["requests running", status.in_flight],
+                 ["queued", status.queued]];
+  for (const state of ["running", "live", "held", "spare"]) facts.push([`CLIs ${state}`, status.processes[state]]);
+  facts.push(["CLI budget", status.processes.limit]);
+  $("facts").replaceChildren(...facts.map(([name, value]) => {
+    const fact = element("div", name, "fact muted");
+    fact.prepend(element("b", String(value)));
+    return fact;
+  }));
+}
+
+function showRequests(requests) {
+  $("requests").replaceChildren(...requests.slice().reverse().map((request) => {
+    const row = element("tr");
+    row.append(element("td", new Date(request.time).toLocaleTimeString()), element("td", request.endpoint),
+               element("td", request.model), element("td", String(request.status), request.status >= 400 ? "bad" : ""),
+               element("td", request.tokens, "num"), element("td", `${request.duration.toFixed(2)} s`, "num"),
+               element("td", request.served));
+    return row;
+  }));
+  if (!requests.length) {
+    const row = element("tr");
+    row.append(element("td", "None yet.", "muted"));
+    $("requests").append(row);
+  }
+}
+
+async function refresh() {
+  const key = sessionStorage.getItem("claude-max-proxy-key");
+  let reply;
+  try {
+    reply = await fetch("/v1/status", {cache: "no-store", headers: key ? {Authorization: `Bearer ${key}`} : {}});
+  } catch (error) {
+    $("summary").textContent = `The proxy does not answer (${error.message}); trying again.`;
+    return;
+  }
+  if (reply.status === 401) {
+    $("login").hidden = false;
+    $("status").hidden = true;
+    $("key-error").hidden = !key;
+    $("summary").textContent = "";
+    return;
+  }
+  const status = await reply.json();
+  $("login").hidden = true;
+  $("status").hidden = false;
+  $("summary").textContent = `Claude Code ${status.claude_version}, updated ${new Date().toLocaleTimeString()}`;
+  showWindows(status.usage);
+  showFacts(status);
+  showRequests(status.recent);
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("claude-max-proxy-key", $("key").value);
+  $("key").value = "";
+  refresh();
+});
+refresh();
+setInterval(refresh, REFRESH_MS);
+"""
+STATUS_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-max-proxy</title>
+<style>
+  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1f2328; background: #f6f8fa; }
+  main { max-width: 960px; margin: 0 auto; padding: 24px; }
+  h1 { font-size: 20px; margin: 0 0 4px; }
+  h2 { font-size: 15px; margin: 24px 0 8px; }
+  .muted { color: #656d76; }
+  .card { background: #fff; border: 1px solid #d0d7de; border-radius: 8px; padding: 16px; }
+  .window { margin: 8px 0 14px; }
+  .window .label { display: flex; justify-content: space-between; }
+  .bar { height: 14px; background: #eaeef2; border-radius: 7px; overflow: hidden; margin-top: 4px; }
+  .fill { height: 100%; background: #1f883d; width: 0; }
+  .fill.allowed_warning { background: #bf8700; }
+  .fill.rejected { background: #cf222e; }
+  .facts { display: grid; grid-template-columns: repeat(auto-fill, minmax(104px, 1fr)); gap: 12px; }
+  .fact b { display: block; font-size: 20px; color: #1f2328; }
+  table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+  th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eaeef2; white-space: nowrap; }
+  td.num, th.num { text-align: right; }
+  .bad { color: #cf222e; }
+  form { display: flex; gap: 8px; }
+  input { flex: 1; padding: 6px 8px; font: inherit; }
+  button { padding: 6px 12px; font: inherit; }
+  [hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<main>
+  <h1>claude-max-proxy</h1>
+  <div class="muted" id="summary">Loading…</div>
+  <section id="login" class="card" hidden>
+    <p>This proxy needs its API key (<code>--api-key</code>). It stays in this tab only.</p>
+    <form id="key-form"><input id="key" type="password" autocomplete="off" placeholder="API key">
+      <button>Show status</button></form>
+    <p class="bad" id="key-error" hidden>That key was refused.</p>
+  </section>
+  <section id="status" hidden>
+    <h2>Subscription windows</h2>
+    <div class="card" id="windows"></div>
+    <h2>Now</h2>
+    <div class="card facts" id="facts"></div>
+    <h2>Last requests</h2>
+    <div class="card"><table>
+      <thead><tr><th>time</th><th>endpoint</th><th>model</th><th>status</th><th class="num">tokens</th>
+        <th class="num">duration</th><th>served</th></tr></thead>
+      <tbody id="requests"></tbody>
+    </table></div>
+  </section>
+</main>
+<script>""" + STATUS_SCRIPT + r"""</script>
+</body>
+</html>
+"""
+# The script is allowed by its hash: no other script, style source or connection runs in the page.
+STATUS_PAGE_POLICY = (f"default-src 'none'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+                      f"form-action 'none'; frame-ancestors 'none'; script-src 'sha256-"
+                      f"{base64.b64encode(hashlib.sha256(STATUS_SCRIPT.encode()).digest()).decode()}'")
+RECENT_REQUESTS = 20  # completion requests the status page lists
 
 
 def shutting_down() -> ApiError:
@@ -3063,6 +3239,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.windows = UsageWindows()
         self.metrics = Metrics()
+        self.recent: deque = deque(maxlen=RECENT_REQUESTS)  # the status page's last requests, oldest first
         self.pool = ProcessPool(config, self.stopping, self.windows)
         # Requests under way: from a connection's accept, or a kept-alive one's next first byte, to
         # the request's log line. Shutdown waits for them: none is cut off unanswered.
@@ -3292,7 +3469,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.server.stopping.is_set():
             self.close_connection = True
             raise shutting_down()
-        if route != "/health":
+        if route not in ("/health", "/"):  # the page has no data; it asks for the key itself
             self.check_api_key()
         if route is None:
             routes = ", ".join(f"{'/'.join(methods)} {route}" for route, methods in ROUTES.items())
@@ -3312,6 +3489,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_json(200, self.usage_report())
         elif route == "/metrics":
             self.send_metrics()
+        elif route == "/":
+            self.send_status_page()
+        elif route == "/v1/status":
+            self.send_json(200, {"claude_version": self.server.cli_version, "in_flight": self.server.gate.running,
+                                 "queued": self.server.gate.waiting, "processes": self.server.pool.counts(),
+                                 "usage": self.usage_report(), "recent": list(self.server.recent)})
         elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
         elif route == "/v1/models/{id}":
@@ -3333,8 +3516,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                 "--cors-origin ORIGIN to accept it.", code="origin_not_allowed")
 
     def cors_allows(self, origin: str) -> bool:
+        """Whether a browser page from `origin` may call: a listed origin, or the proxy's own (its status page)."""
         origins = self.server.config.cors_origins
-        return "*" in origins or origin in origins
+        return "*" in origins or origin in origins or origin == f"http://{self.headers.get('Host')}"
 
     def check_api_key(self):
         if not self.key_given():
@@ -3517,6 +3701,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              ("Content-Length", str(len(data)))])
         self.write(data)
 
+    def send_status_page(self):
+        data = STATUS_PAGE.encode()
+        self.send_head(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+                             ("Content-Security-Policy", STATUS_PAGE_POLICY), ("X-Frame-Options", "DENY"),
+                             ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")])
+        self.write(data)
+
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
         data = json_bytes(body)
         self.send_head(status, [*headers, ("Content-Type", "application/json"),
@@ -3593,9 +3784,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── at the end of a request: its metrics, and one log line, never prompt or completion text ──
     def request_finished(self):
         route = match_route(self.route_path)[0] if self.route_path else None
-        self.server.metrics.request_done(route or "other", self.log_model, self.status,
-                                         time.monotonic() - self.started, self.first_token, self.log_usage,
-                                         self.log_served)
+        seconds, usage = time.monotonic() - self.started, self.log_usage
+        self.server.metrics.request_done(route or "other", self.log_model, self.status, seconds,
+                                         self.first_token, usage, self.log_served)
+        if route in COMPLETION_ROUTES:
+            self.server.recent.append({
+                "time": iso_time(time.time()), "endpoint": route, "model": self.log_model, "status": self.status,
+                "tokens": f"{usage.prompt_tokens}+{usage.output_tokens}" if usage else "-",
+                "duration": round(seconds, 3), "served": self.log_served})
         self.log_access()
 
     def log_access(self):

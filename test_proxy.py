@@ -8,6 +8,8 @@ API on 127.0.0.1 whose request log shows exactly what would reach the model.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import logging
@@ -2410,6 +2412,36 @@ def test_metrics_show_the_usage_windows(start_real_proxy, upstream):
     check_with_promtool(text)
 
 
+def test_status_page_is_one_self_contained_page_without_data(start_proxy):
+    proxy = start_proxy(api_key="k")
+    page = proxy.call("GET", "/")  # no key: the page asks for it
+    assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert not re.search(r"\b(src|href)=|<link|@import|url\(|https?://", page.text)  # works offline
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "'unsafe-inline'" not in \
+        policy.split("script-src")[1]
+    digest = base64.b64encode(hashlib.sha256(cmp.STATUS_SCRIPT.encode()).digest()).decode()
+    assert f"<script>{cmp.STATUS_SCRIPT}</script>" in page.text and f"'sha256-{digest}'" in policy
+    assert "sessionStorage" in page.text and "Authorization" in page.text
+
+
+def test_status_data_needs_the_key_and_lists_requests_without_their_text(start_proxy):
+    proxy = start_proxy(api_key="k")
+    key = {"Authorization": "Bearer k"}
+    assert proxy.call("GET", "/v1/status").status == 401
+    secret = "my secret prompt"
+    assert proxy.chat(headers=key, messages=[{"role": "user", "content": secret}]).status == 200
+    status = proxy.call("GET", "/v1/status", headers={**key, "Origin": f"http://127.0.0.1:{proxy.port}"})
+    assert status.status == 200  # from the proxy's own page
+    body = status.json()
+    assert secret not in status.text and "Hello" not in status.text
+    assert body["recent"] == [{"time": body["recent"][0]["time"], "endpoint": "/v1/chat/completions",
+                               "model": "claude-sonnet-4", "status": 200, "tokens": "132+3",
+                               "duration": body["recent"][0]["duration"], "served": "cold"}]
+    assert set(body) == {"claude_version", "in_flight", "queued", "processes", "usage", "recent"}
+    assert proxy.call("GET", "/v1/status", headers={**key, "Origin": "http://evil.example"}).status == 403
+
+
 def test_models(client):
     listing = client.call("GET", "/v1/models").json()
     assert listing["object"] == "list"
@@ -2432,7 +2464,8 @@ def test_routes_work_without_the_v1_prefix(client):
     ("/health", "/health", ""), ("/v1/health", "/health", ""), ("/v1/models", "/v1/models", ""),
     ("/models/openai%2Fclaude-opus-4", "/v1/models/{id}", "openai/claude-opus-4"),
     ("/v1/responses/resp_1", "/v1/responses/{id}", "resp_1"), ("/v1/responses", "/v1/responses", ""),
-    ("/v1", None, ""), ("/", None, ""), ("/v1/models/", "/v1/models", ""), ("/v2/models", None, ""),
+    ("/v1", None, ""), ("/", "/", ""), ("/v1/models/", "/v1/models", ""), ("/v2/models", None, ""),
+    ("/metrics", "/metrics", ""), ("/usage", "/v1/usage", ""), ("/v1/status", "/v1/status", ""),
 ])
 def test_paths_match_their_route(path, route, item):
     assert cmp.match_route(path) == (route, item)
@@ -4122,6 +4155,41 @@ def test_real_usage_windows_show_in_usage_health_and_every_answers_headers(start
     response.read()
     conn.close()
     assert response.getheader("anthropic-ratelimit-unified-5h-utilization") == "0.9"  # the stream before saw it
+
+
+def browser_dom(url: str, tmp_path) -> str:
+    """The page's DOM once a headless Chromium has run its script: CI installs Chromium (.ci/run sets CI)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        assert not os.environ.get("CI"), "Chromium is missing: CI installs Debian's package chromium"
+        pytest.skip("no Chromium here")
+    # Virtual time runs the page's timers and waits for its fetches; the profile is the test's own.
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=3000", "--dump-dom",
+                           url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_real_status_page_in_a_browser_shows_the_windows_and_the_last_request(start_real_proxy, upstream,
+                                                                               tmp_path):
+    upstream.headers = unified_headers("allowed_warning", 0.87, 3600)
+    proxy = start_real_proxy()
+    assert proxy.chat(model="sonnet").status == 200
+    dom = browser_dom(f"http://127.0.0.1:{proxy.port}/", tmp_path)
+    five_hour = re.search(r'data-window="five_hour">(.*?)</div></div></div>', dom).group(1)
+    assert "87 % used (allowed_warning)" in five_hour and "width: 87%" in five_hour and "in 59 min" in five_hour
+    assert "41 % used" in re.search(r'data-window="seven_day">(.*?)</div></div></div>', dom).group(1)
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(<td.*?)</tr>", dom)]
+    assert len(rows) == 1 and rows[0][1:5] + rows[0][6:] == ["/v1/chat/completions", "sonnet", "200", "10+5", "cold"]
+    assert re.fullmatch(r"\d+\.\d\d s", rows[0][5])
+    assert "<b>2.1.329</b>Claude Code" in dom and '<section id="login" class="card" hidden="">' in dom
+
+
+def test_real_status_page_with_an_api_key_asks_for_it(start_real_proxy, upstream, tmp_path):
+    proxy = start_real_proxy(api_key="k")
+    dom = browser_dom(f"http://127.0.0.1:{proxy.port}/", tmp_path)
+    assert '<section id="login" class="card">' in dom and '<section id="status" hidden="">' in dom
 
 
 def test_real_rejected_window_is_429_until_its_reset(start_real_proxy, upstream):

@@ -6,8 +6,12 @@ CLI_DIR = .cache/claude
 CLI = $(CLI_DIR)/node_modules/.bin/claude
 AGENT = $(HOME)/Library/LaunchAgents/com.claude-max-api.plist
 LAUNCHCTL = launchctl
+UNIT = $(HOME)/.config/systemd/user/claude-max-proxy.service
+OPTIONS_FILE = $(HOME)/.config/claude-max-proxy/env
+SYSTEMCTL = systemctl --user
 
-.PHONY: run test cli bench fuzz install-launchagent uninstall-launchagent
+.PHONY: run test cli bench fuzz install-launchagent uninstall-launchagent \
+	systemd-unit install-systemd uninstall-systemd
 
 run:
 	$(PYTHON) claude_max_proxy.py
@@ -48,3 +52,48 @@ install-launchagent:
 uninstall-launchagent:
 	$(LAUNCHCTL) unload $(AGENT) 2>/dev/null || true
 	rm -f $(AGENT)
+
+# Linux: a systemd user unit that runs the proxy with this Python, restarts it if
+# it fails, logs to the journal, and reads CLAUDE_MAX_PROXY_* options from
+# $(OPTIONS_FILE). `make systemd-unit` prints it; install-systemd writes and starts it.
+CLAUDE_FOUND = $(shell command -v claude 2>/dev/null)
+define SYSTEMD_UNIT
+[Unit]
+Description=claude-max-proxy: your Claude subscription as an OpenAI-compatible API
+Documentation=file://$(CURDIR)/README.md
+After=network-online.target
+
+[Service]
+Type=exec
+ExecStart=$(shell $(PYTHON) -c 'import sys; print(sys.executable)') $(CURDIR)/claude_max_proxy.py
+WorkingDirectory=$(CURDIR)
+EnvironmentFile=-%h/.config/claude-max-proxy/env
+# The user manager's PATH is bare: add where `claude` was found, and where npm usually puts it.
+Environment=PATH=$(if $(CLAUDE_FOUND),$(patsubst %/,%,$(dir $(CLAUDE_FOUND))):)%h/.local/bin:%h/.npm-global/bin:/usr/local/bin:/usr/bin:/bin
+Environment=PYTHONUNBUFFERED=1
+Restart=on-failure
+RestartSec=5
+# SIGTERM gives running requests 5 seconds, then stops every CLI.
+TimeoutStopSec=20
+
+[Install]
+WantedBy=default.target
+endef
+export SYSTEMD_UNIT
+
+systemd-unit:
+	@printf '%s\n' "$$SYSTEMD_UNIT"
+
+install-systemd:
+	mkdir -p $(dir $(UNIT)) $(dir $(OPTIONS_FILE))
+	printf '%s\n' "$$SYSTEMD_UNIT" > $(UNIT)
+	[ -f $(OPTIONS_FILE) ] || printf '%s\n' '# claude-max-proxy options, as CLAUDE_MAX_PROXY_NAME=value lines (README: Options)' \
+		'#CLAUDE_MAX_PROXY_API_KEY=a-long-random-key' > $(OPTIONS_FILE)
+	chmod 600 $(OPTIONS_FILE)
+	$(SYSTEMCTL) daemon-reload
+	$(SYSTEMCTL) enable --now claude-max-proxy.service
+
+uninstall-systemd:
+	$(SYSTEMCTL) disable --now claude-max-proxy.service 2>/dev/null || true
+	rm -f $(UNIT)
+	$(SYSTEMCTL) daemon-reload 2>/dev/null || true

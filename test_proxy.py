@@ -4549,6 +4549,32 @@ def test_make_installs_a_launch_agent_that_runs_this_file(tmp_path):
     assert not (home / "Library" / "LaunchAgents" / "com.claude-max-api.plist").exists()
 
 
+def test_make_installs_a_systemd_user_unit_that_runs_this_file_with_this_python(tmp_path):
+    home = tmp_path / "home"
+    make = ["make", "-C", str(HERE), f"HOME={home}", f"PYTHON={sys.executable}", "SYSTEMCTL=echo systemctl --user"]
+    done = subprocess.run([*make, "install-systemd"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "systemctl --user enable --now claude-max-proxy.service" in done.stdout
+    unit_path = home / ".config" / "systemd" / "user" / "claude-max-proxy.service"
+    unit = unit_path.read_text()
+    assert f"\nExecStart={sys.executable} {HERE / 'claude_max_proxy.py'}\n" in unit
+    assert "\nRestart=on-failure\n" in unit and "\nEnvironmentFile=-%h/.config/claude-max-proxy/env\n" in unit
+    options = home / ".config" / "claude-max-proxy" / "env"
+    assert options.stat().st_mode & 0o777 == 0o600 and "CLAUDE_MAX_PROXY_" in options.read_text()
+    options.write_text("CLAUDE_MAX_PROXY_PORT=4000\n")
+    assert subprocess.run([*make, "install-systemd"], capture_output=True).returncode == 0
+    assert options.read_text() == "CLAUDE_MAX_PROXY_PORT=4000\n"  # the user's options are kept
+    verify = shutil.which("systemd-analyze")
+    if verify:  # as systemd reads it: the interpreter must exist, and every key be known
+        runtime = tmp_path / "runtime"
+        runtime.mkdir(mode=0o700)
+        checked = subprocess.run([verify, "verify", "--user", str(unit_path)], capture_output=True, text=True,
+                                 env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(home)})
+        assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+    done = subprocess.run([*make, "uninstall-systemd"], capture_output=True, text=True)
+    assert "systemctl --user disable --now claude-max-proxy.service" in done.stdout and not unit_path.exists()
+
+
 # Function calling and structured output through the real CLI.
 
 def assembled(frames) -> dict:

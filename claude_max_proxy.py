@@ -148,7 +148,16 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
         description="Serve OpenAI's /v1/chat/completions and /v1/responses from your Claude subscription "
                     "through the Claude Code CLI. Every option can also be set with the "
                     "environment variable shown in its help.")
-    add = parser.add_argument
+    _access_options(parser.add_argument_group("listening and access").add_argument, env)
+    _process_options(parser.add_argument_group("CLI processes").add_argument, env)
+    _request_options(parser.add_argument_group("requests and billing").add_argument, env)
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=(env("LOG_LEVEL") or Config.log_level).lower(),
+                        help="log verbosity on stderr ($CLAUDE_MAX_PROXY_LOG_LEVEL; default %(default)s)")
+    parser.add_argument("--version", action="version", version=f"claude-max-proxy {__version__}")
+    return parser
+
+
+def _access_options(add: Callable, env: Callable[[str], Optional[str]]):
     add("--host", default=env("HOST") or Config.host,
         help="address to listen on ($CLAUDE_MAX_PROXY_HOST; default %(default)s)")
     add("--port", type=int, default=env("PORT") or Config.port,
@@ -156,13 +165,20 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
     add("--claude", metavar="PATH", default=env("CLAUDE") or Config.claude,
         help="the Claude Code CLI to run ($CLAUDE_MAX_PROXY_CLAUDE; default: `claude` on PATH)")
     add("--api-key", metavar="KEY", default=env("API_KEY"),
-        help="require `Authorization: Bearer KEY` on every route but /health ($CLAUDE_MAX_PROXY_API_KEY)")
+        help="require `Authorization: Bearer KEY` on every route but /health and the status page "
+             "($CLAUDE_MAX_PROXY_API_KEY)")
     add("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
         help="allow browser requests from ORIGIN; repeatable, `*` for any "
              "($CLAUDE_MAX_PROXY_CORS_ORIGINS, comma-separated; default: none)")
     add("--allowed-host", metavar="NAME", action="append", dest="allowed_hosts",
         help="accept this Host name too while bound to loopback; repeatable "
              "($CLAUDE_MAX_PROXY_ALLOWED_HOSTS, comma-separated; default: loopback names only)")
+    add("--allow-unauthenticated-remote", action="store_true",
+        default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
+        help="allow a non-loopback --host without --api-key ($CLAUDE_MAX_PROXY_ALLOW_UNAUTHENTICATED_REMOTE=1)")
+
+
+def _process_options(add: Callable, env: Callable[[str], Optional[str]]):
     add("--max-concurrency", metavar="N", type=int,
         default=env("MAX_CONCURRENCY") or Config.max_concurrency,
         help="CLI processes running at once; a few more requests wait briefly, "
@@ -184,6 +200,9 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
         default=env("CONVERSATION_TIMEOUT") or Config.conversation_timeout,
         help="end a kept conversation's CLI after this long without its next request, also one that "
              "waits for tool results ($CLAUDE_MAX_PROXY_CONVERSATION_TIMEOUT; default %(default)s)")
+
+
+def _request_options(add: Callable, env: Callable[[str], Optional[str]]):
     add("--timeout", metavar="SECONDS", type=float, default=env("TIMEOUT") or Config.timeout,
         help="give up on a request after this long, with 504, also on a client that stops reading its "
              "answer ($CLAUDE_MAX_PROXY_TIMEOUT; default %(default)s)")
@@ -198,13 +217,6 @@ def _option_parser(env: Callable[[str], Optional[str]]) -> argparse.ArgumentPars
     add("--allow-extra-usage", action="store_true", default=_env_flag(env("ALLOW_EXTRA_USAGE")),
         help="go on answering while Anthropic bills requests to your account's extra usage; without it, "
              "requests are refused until the window resets ($CLAUDE_MAX_PROXY_ALLOW_EXTRA_USAGE=1)")
-    add("--allow-unauthenticated-remote", action="store_true",
-        default=_env_flag(env("ALLOW_UNAUTHENTICATED_REMOTE")),
-        help="allow a non-loopback --host without --api-key ($CLAUDE_MAX_PROXY_ALLOW_UNAUTHENTICATED_REMOTE=1)")
-    add("--log-level", choices=LOG_LEVELS, default=(env("LOG_LEVEL") or Config.log_level).lower(),
-        help="log verbosity on stderr ($CLAUDE_MAX_PROXY_LOG_LEVEL; default %(default)s)")
-    add("--version", action="version", version=f"claude-max-proxy {__version__}")
-    return parser
 
 
 def is_loopback(host: str) -> bool:

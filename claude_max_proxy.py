@@ -2771,7 +2771,8 @@ REQUEST_TARGET = re.compile(r"[!-~]+")  # visible ASCII: RFC 9112 has no room fo
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")  # name or [IPv6], then a port
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # Each route, as written without its /v1 (which is optional), and its methods.
-ROUTES = {"/": ("GET",), "/health": ("GET",), "/metrics": ("GET",), "/v1/status": ("GET",), "/v1/usage": ("GET",), "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
+ROUTES = {"/": ("GET",), "/health": ("GET",), "/metrics": ("GET",), "/v1/status": ("GET",), "/v1/usage": ("GET",),
+          "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
           "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses")  # their answers carry the usage windows

@@ -890,6 +890,12 @@ def client(start_proxy):
     return start_proxy()
 
 
+def sent(stdin: list) -> list:
+    """What the proxy wrote to a CLI of its own accord: its answers to the CLI's tool server
+    handshake, which the CLI begins as it starts, may come before the session does."""
+    return [line for line in stdin if line.get("type") != "control_response"]
+
+
 def echo(reply: Response) -> dict:
     """What the fake CLI was given, from its `echo` answer."""
     assert reply.status == 200, reply.text
@@ -2085,10 +2091,10 @@ def test_what_the_cli_is_started_with(client, fake, monkeypatch, tmp_path):
                                       {"role": "user", "content": "PROMPT-MARKER"}]))
     assert "PROMPT-MARKER" not in json.dumps(seen["argv"]) and "S1" not in json.dumps(seen["argv"])
     assert seen["argv"][-2:] == ["--model=opus", "--effort=high"] and "--tools=" in seen["argv"]
-    assert seen["stdin"][0] == {"type": "control_request", "request_id": "init",
+    assert sent(seen["stdin"])[0] == {"type": "control_request", "request_id": "init",
                                 "request": {"subtype": "initialize", "systemPrompt": "S1\n\nS2",
                                             "sdkMcpServers": ["client"]}}
-    assert seen["stdin"][1] == {"type": "user", "message": {"role": "user", "content": [
+    assert sent(seen["stdin"])[1] == {"type": "user", "message": {"role": "user", "content": [
         {"type": "text", "text": "PROMPT-MARKER"}]}}
     assert (seen["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], seen["env"]["CLAUDE_CODE_MAX_RETRIES"]) == ("77", "2")
     assert "ANTHROPIC_API_KEY" not in seen["env"]
@@ -2371,6 +2377,9 @@ def test_metrics_count_requests_tokens_latency_and_processes(start_proxy):
     reply, frames = proxy.open_stream(headers=key)
     list(frames)
     assert proxy.chat(headers=key, model="gpt-nope").status == 404
+    counted = lambda: metric_samples(proxy.call("GET", "/metrics", headers=key).text).get(  # noqa: E731
+        ("claude_max_proxy_request_duration_seconds_count", frozenset({("endpoint", "/v1/chat/completions")})))
+    assert wait_until(lambda: counted() == 3)  # each is counted once its answer is out
     scrape = proxy.call("GET", "/metrics", headers=key)
     assert scrape.status == 200 and scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = metric_samples(scrape.text)
@@ -2431,6 +2440,7 @@ def test_status_data_needs_the_key_and_lists_requests_without_their_text(start_p
     assert proxy.call("GET", "/v1/status").status == 401
     secret = "my secret prompt"
     assert proxy.chat(headers=key, messages=[{"role": "user", "content": secret}]).status == 200
+    assert wait_until(lambda: proxy.call("GET", "/v1/status", headers=key).json()["recent"])  # listed once sent
     status = proxy.call("GET", "/v1/status", headers={**key, "Origin": f"http://127.0.0.1:{proxy.port}"})
     assert status.status == 200  # from the proxy's own page
     body = status.json()
@@ -2912,14 +2922,15 @@ def test_a_call_made_without_streaming_is_refused_at_once(start_proxy, fake):
 
 def test_tool_choice_none_offers_no_tools(client, fake):
     fake.play("echo")
-    assert echo(client.chat(tool_choice="none", **TOOL_REQUEST))["stdin"][0]["request"]["subtype"] == "initialize"
+    assert sent(echo(client.chat(tool_choice="none", **TOOL_REQUEST))["stdin"])[0]["request"]["subtype"] == \
+        "initialize"
     assert replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"] == []
 
 
 def test_a_named_function_is_the_only_one_offered(client, fake):
     fake.play("echo")
     seen = echo(client.chat(tool_choice={"type": "function", "function": {"name": "get_time"}}, **TOOL_REQUEST))
-    assert "`get_time`" in seen["stdin"][0]["request"]["systemPrompt"]
+    assert "`get_time`" in sent(seen["stdin"])[0]["request"]["systemPrompt"]
     listed = replies_to(fake, "mcp-3")[0]["response"]["mcp_response"]["result"]["tools"]
     assert [tool["name"] for tool in listed] == ["get_time"]
 
@@ -2947,7 +2958,7 @@ def test_structured_output_is_the_json_claude_produced(client, fake, response_fo
     content, finish = text_and_finish(client, stream, response_format=response_format)
     assert (content, finish) == ('{"name":"Alice"}', "stop")
     schema = response_format.get("json_schema", {}).get("schema", {"type": "object"})
-    assert fake.stdin()[0]["request"]["jsonSchema"] == schema
+    assert sent(fake.stdin())[0]["request"]["jsonSchema"] == schema
 
 
 def test_a_tool_schema_the_cli_rejects_is_a_400(client, fake):
@@ -4176,6 +4187,7 @@ def test_real_status_page_in_a_browser_shows_the_windows_and_the_last_request(st
     upstream.headers = unified_headers("allowed_warning", 0.87, 3600)
     proxy = start_real_proxy()
     assert proxy.chat(model="sonnet").status == 200
+    assert wait_until(lambda: proxy.call("GET", "/v1/status").json()["recent"])  # listed once its answer is out
     dom = browser_dom(f"http://127.0.0.1:{proxy.port}/", tmp_path)
     five_hour = re.search(r'data-window="five_hour">(.*?)</div></div></div>', dom).group(1)
     assert "87 % used (allowed_warning)" in five_hour and "width: 87%" in five_hour and "in 59 min" in five_hour

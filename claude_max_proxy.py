@@ -3060,6 +3060,8 @@ class ResponseStore:
 
 def match_route(path: str) -> Tuple[Optional[str], str]:
     """The ROUTES entry a request path is for (None if none), and the {id} in it, decoded."""
+    if not path.startswith("/"):  # a target of only a query, or a URL without a path
+        return None, ""
     path = path.rstrip("/") or "/"
     for route in ROUTES:
         for form in (route, route[len("/v1"):]) if route.startswith("/v1/") else (route, "/v1" + route):

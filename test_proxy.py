@@ -2475,7 +2475,7 @@ def test_routes_work_without_the_v1_prefix(client):
     ("/models/openai%2Fclaude-opus-4", "/v1/models/{id}", "openai/claude-opus-4"),
     ("/v1/responses/resp_1", "/v1/responses/{id}", "resp_1"), ("/v1/responses", "/v1/responses", ""),
     ("/v1", None, ""), ("/", "/", ""), ("/v1/models/", "/v1/models", ""), ("/v2/models", None, ""),
-    ("/metrics", "/metrics", ""), ("/usage", "/v1/usage", ""), ("/v1/status", "/v1/status", ""),
+    ("/metrics", "/metrics", ""), ("/usage", "/v1/usage", ""), ("/v1/status", "/v1/status", ""), ("", None, ""),
 ])
 def test_paths_match_their_route(path, route, item):
     assert cmp.match_route(path) == (route, item)

@@ -56,20 +56,19 @@ uninstall-launchagent:
 # Linux: a systemd user unit that runs the proxy with this Python, restarts it if
 # it fails, logs to the journal, and reads CLAUDE_MAX_PROXY_* options from
 # $(OPTIONS_FILE). `make systemd-unit` prints it; install-systemd writes and starts it.
+# Paths are quoted, and a % in them doubled, as systemd reads them.
+unit_path = $(subst %,%%,$(1))
 CLAUDE_FOUND = $(shell command -v claude 2>/dev/null)
 define SYSTEMD_UNIT
 [Unit]
 Description=claude-max-proxy: your Claude subscription as an OpenAI-compatible API
-Documentation=file://$(CURDIR)/README.md
-After=network-online.target
 
 [Service]
-Type=exec
-ExecStart=$(shell $(PYTHON) -c 'import sys; print(sys.executable)') $(CURDIR)/claude_max_proxy.py
-WorkingDirectory=$(CURDIR)
+ExecStart="$(call unit_path,$(shell $(PYTHON) -c 'import sys; print(sys.executable)'))" "$(call unit_path,$(CURDIR))/claude_max_proxy.py"
+WorkingDirectory=$(call unit_path,$(CURDIR))
 EnvironmentFile=-%h/.config/claude-max-proxy/env
 # The user manager's PATH is bare: add where `claude` was found, and where npm usually puts it.
-Environment=PATH=$(if $(CLAUDE_FOUND),$(patsubst %/,%,$(dir $(CLAUDE_FOUND))):)%h/.local/bin:%h/.npm-global/bin:/usr/local/bin:/usr/bin:/bin
+Environment="PATH=$(if $(CLAUDE_FOUND),$(call unit_path,$(patsubst %/,%,$(dir $(CLAUDE_FOUND)))):)%h/.local/bin:%h/.npm-global/bin:/usr/local/bin:/usr/bin:/bin"
 Environment=PYTHONUNBUFFERED=1
 Restart=on-failure
 RestartSec=5
@@ -79,19 +78,23 @@ TimeoutStopSec=20
 [Install]
 WantedBy=default.target
 endef
-export SYSTEMD_UNIT
 
 systemd-unit:
-	@printf '%s\n' "$$SYSTEMD_UNIT"
+	$(info $(SYSTEMD_UNIT))
+	@:
 
-install-systemd:
-	mkdir -p $(dir $(UNIT)) $(dir $(OPTIONS_FILE))
-	printf '%s\n' "$$SYSTEMD_UNIT" > $(UNIT)
+# The folders first: make expands a recipe, $(file) included, before it runs any line of it.
+install-systemd: | $(dir $(UNIT)) $(dir $(OPTIONS_FILE))
+	$(file >$(UNIT),$(SYSTEMD_UNIT))
 	[ -f $(OPTIONS_FILE) ] || printf '%s\n' '# claude-max-proxy options, as CLAUDE_MAX_PROXY_NAME=value lines (README: Options)' \
 		'#CLAUDE_MAX_PROXY_API_KEY=a-long-random-key' > $(OPTIONS_FILE)
 	chmod 600 $(OPTIONS_FILE)
 	$(SYSTEMCTL) daemon-reload
-	$(SYSTEMCTL) enable --now claude-max-proxy.service
+	$(SYSTEMCTL) enable claude-max-proxy.service
+	$(SYSTEMCTL) restart claude-max-proxy.service  # a changed unit takes effect now
+
+$(dir $(UNIT)) $(dir $(OPTIONS_FILE)):
+	mkdir -p $@
 
 uninstall-systemd:
 	$(SYSTEMCTL) disable --now claude-max-proxy.service 2>/dev/null || true

@@ -293,6 +293,8 @@ EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "xhigh": "xhigh", "max": "max"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_LENGTH = 1000
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; Claude's is no looser
 NOT_IN_TOOL_USE_IDS = re.compile(r"[^A-Za-z0-9_-]")  # Claude's tool_use ids have only the others
 NO_PARAMETERS = {"type": "object", "properties": {}}
@@ -455,10 +457,13 @@ def _effort(body: dict) -> dict:
 def _stop_sequences(stop: object) -> Tuple[str, ...]:
     if stop is None:
         return ()
-    # Any number: the proxy cuts the text itself, and Continue sends more than OpenAI's four.
+    # More than OpenAI's four: the proxy cuts the text itself, and Continue sends more. Each one
+    # costs a little on every delta, so not without end.
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of non-empty strings.", param="stop")
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP_SEQUENCES} non-empty "
+                            f"strings of up to {MAX_STOP_LENGTH} characters.", param="stop")
     return tuple(dict.fromkeys(stops))
 
 
@@ -1895,7 +1900,7 @@ DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking"}  # a delta's t
 # this order): such a line, when its text has nothing escaped, is read without
 # parsing it, which in a long answer saves most of the proxy's work. Its other
 # keys (uuid, session_id) are not used. Any other line is parsed whole.
-TEXT_DELTA_LINE = re.compile(rb'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d+),'
+TEXT_DELTA_LINE = re.compile(rb'\{"type":"stream_event","event":\{"type":"content_block_delta","index":(\d{1,9}),'
                              rb'"delta":\{"type":"(text_delta","text|thinking_delta","thinking)":"([^"\\]*)"\}\}')
 DELTA_LINE_KINDS = {b'text_delta","text': "text_delta", b'thinking_delta","thinking': "thinking_delta"}
 
@@ -2385,6 +2390,7 @@ USAGE_HEADERS = ("anthropic-ratelimit-unified-status",
                  *(f"anthropic-ratelimit-unified-{short}-{part}" for short in WINDOWS.values()
                    for part in ("utilization", "reset", "status")))
 STATUS_ORDER = ("allowed", "allowed_warning", "rejected")
+LATEST_RESET = 10 ** 11  # Unix seconds, year 5138: a larger reset time is no time
 
 
 class UsageWindows:
@@ -2405,13 +2411,24 @@ class UsageWindows:
             return self._latest
 
 
-def window_status(info: dict) -> str:
+def reset_time(entry: dict) -> Optional[int]:
+    """When a window (or the plan) resets, as the CLI reported it in Unix seconds; None if not plausibly one."""
+    value = entry.get("resetsAt")
+    return int(value) if type(value) in (int, float) and 0 < value < LATEST_RESET else None
+
+
+def used_fraction(window: dict) -> Optional[float]:
+    value = window.get("utilization")
+    return value if type(value) in (int, float) and 0 <= value <= 100 else None
+
+
+def overall_status(info: dict) -> str:
     """The worst status of the plan and its windows: a window's warning shows only in the window."""
-    found = [info.get("status"), *(window.get("status") for window in usage_windows(info).values())]
+    found = [info.get("status"), *(window.get("status") for window in known_windows(info).values())]
     return max((status for status in found if status in STATUS_ORDER), key=STATUS_ORDER.index, default="allowed")
 
 
-def usage_windows(info: dict) -> Dict[str, dict]:
+def known_windows(info: dict) -> Dict[str, dict]:
     windows = info.get("unifiedWindows")
     return {name: window for name, window in (windows.items() if isinstance(windows, dict) else ())
             if name in WINDOWS and isinstance(window, dict)}
@@ -2426,17 +2443,16 @@ def usage_report(latest: Optional[Tuple[dict, float]], now: float, allow_extra_u
                           "request's answer, and never when it bills an API key."}
     info, seen_at = latest
     windows = {}
-    for name, window in usage_windows(info).items():
-        resets_at = window.get("resetsAt")
-        reset = isinstance(resets_at, (int, float))
-        passed = reset and resets_at <= now
-        windows[name] = {"used": None if passed else window.get("utilization"),
+    for name, window in known_windows(info).items():
+        resets_at = reset_time(window)
+        passed = resets_at is not None and resets_at <= now
+        windows[name] = {"used": None if passed else used_fraction(window),
                          "status": "reset" if passed else window.get("status") or "allowed",
-                         "resets_at": iso_time(resets_at) if reset else None,
-                         "resets_in_seconds": max(int(resets_at - now), 0) if reset else None}
+                         "resets_at": None if resets_at is None else iso_time(resets_at),
+                         "resets_in_seconds": None if resets_at is None else max(int(resets_at - now), 0)}
     extra.update(in_use=bool(info.get("isUsingOverage")), status=info.get("overageStatus"),
                  disabled_reason=info.get("overageDisabledReason"))
-    return {"object": "usage", "status": window_status(info), "windows": windows, "extra_usage": extra,
+    return {"object": "usage", "status": overall_status(info), "windows": windows, "extra_usage": extra,
             "seen_at": iso_time(seen_at), "age_seconds": max(int(now - seen_at), 0)}
 
 
@@ -2445,16 +2461,16 @@ def usage_headers(latest: Optional[Tuple[dict, float]], now: float) -> List[Tupl
     if latest is None:
         return []
     info = latest[0]
-    headers = [("anthropic-ratelimit-unified-status", window_status(info))]
-    for name, window in usage_windows(info).items():
-        resets_at, used = window.get("resetsAt"), window.get("utilization")
-        if isinstance(resets_at, (int, float)) and resets_at <= now:
+    headers = [("anthropic-ratelimit-unified-status", overall_status(info))]
+    for name, window in known_windows(info).items():
+        resets_at, used = reset_time(window), used_fraction(window)
+        if resets_at is not None and resets_at <= now:
             continue
         prefix = f"anthropic-ratelimit-unified-{WINDOWS[name]}"
-        if isinstance(used, (int, float)):
+        if used is not None:
             headers.append((f"{prefix}-utilization", f"{used:g}"))
-        if isinstance(resets_at, (int, float)):
-            headers.append((f"{prefix}-reset", str(int(resets_at))))
+        if resets_at is not None:
+            headers.append((f"{prefix}-reset", str(resets_at)))
         if window.get("status") in STATUS_ORDER:
             headers.append((f"{prefix}-status", window["status"]))
     return headers
@@ -2463,8 +2479,8 @@ def usage_headers(latest: Optional[Tuple[dict, float]], now: float) -> List[Tupl
 def extra_usage_refusal(latest: Optional[Tuple[dict, float]], now: float) -> Optional[ApiError]:
     """The error for a request while Anthropic bills extra usage, until the window that ran out resets."""
     info = latest[0] if latest else {}
-    resets_at = info.get("resetsAt")
-    if not info.get("isUsingOverage") or not isinstance(resets_at, (int, float)) or resets_at <= now:
+    resets_at = reset_time(info)
+    if not info.get("isUsingOverage") or resets_at is None or resets_at <= now:
         return None
     return ApiError(402, f"Your plan's {info.get('rateLimitType') or 'usage'} window is used up and Anthropic "
                          f"now bills requests to your account's extra usage; the proxy refuses them until the "
@@ -2874,6 +2890,10 @@ async function refresh() {
     $("summary").textContent = "";
     return;
   }
+  if (!reply.ok) {
+    $("summary").textContent = `The proxy answered ${reply.status}; trying again.`;
+    return;
+  }
   const status = await reply.json();
   $("login").hidden = true;
   $("status").hidden = false;
@@ -3167,7 +3187,7 @@ class Metrics:
                 self.turns[served] += 1
 
     def render(self, processes: dict, cli_starts: int, in_flight: int, queued: int,
-               windows: Optional[Tuple[dict, float]], now: float) -> str:
+               latest: Optional[Tuple[dict, float]], now: float) -> str:
         out = MetricsText()
         with self._lock:
             out.family("requests_total", "counter", "Requests answered, by endpoint, model and HTTP status.")
@@ -3192,15 +3212,17 @@ class Metrics:
         out.sample("cli_starts_total", cli_starts)
         out.gauge("requests_in_flight", "Requests running a turn.", in_flight)
         out.gauge("requests_queued", "Requests waiting for a free slot.", queued)
-        if windows is not None:
-            info, seen_at = windows
+        if latest is not None:
+            info, seen_at = latest
+            windows = known_windows(info)
             out.family("usage_window_utilization", "gauge", "The fraction of each subscription window used.")
+            for name, window in windows.items():
+                if used_fraction(window) is not None:
+                    out.sample("usage_window_utilization", used_fraction(window), window=name)
             out.family("usage_window_reset_timestamp_seconds", "gauge", "When each subscription window resets.")
-            for name, window in usage_windows(info).items():
-                if isinstance(window.get("utilization"), (int, float)):
-                    out.sample("usage_window_utilization", window["utilization"], window=name)
-                if isinstance(window.get("resetsAt"), (int, float)):
-                    out.sample("usage_window_reset_timestamp_seconds", window["resetsAt"], window=name)
+            for name, window in windows.items():
+                if reset_time(window) is not None:
+                    out.sample("usage_window_reset_timestamp_seconds", reset_time(window), window=name)
             out.gauge("usage_report_age_seconds", "How long ago the CLI last reported the windows.", now - seen_at)
             out.gauge("extra_usage_in_use", "1 while Anthropic bills requests to the account's extra usage.",
                       int(bool(info.get("isUsingOverage"))))
@@ -3531,9 +3553,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                 "--cors-origin ORIGIN to accept it.", code="origin_not_allowed")
 
     def cors_allows(self, origin: str) -> bool:
-        """Whether a browser page from `origin` may call: a listed origin, or the proxy's own (its status page)."""
         origins = self.server.config.cors_origins
-        return "*" in origins or origin in origins or origin == f"http://{self.headers.get('Host')}"
+        return "*" in origins or origin in origins
 
     def check_api_key(self):
         if not self.key_given():
@@ -3641,6 +3662,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def lease(self, request: ChatRequest):
         if self.client_gone():  # it left while its request waited: no CLI for it
             raise ClientGone()
+        refusal = extra_usage_refusal(self.server.windows.latest(), time.time())  # also after the wait
+        if refusal and not self.server.config.allow_extra_usage:
+            raise refusal
         return self.server.pool.lease(request, self.tenant())
 
     def tenant(self) -> str:
@@ -3651,9 +3675,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_reply(self, request: ChatRequest, at_end: Callable[[], None] = lambda: None):
         """Answer with the turn, streamed or as one body; at_end runs before the client hears the end,
         so that a client's next request finds what at_end kept."""
-        refusal = extra_usage_refusal(self.server.windows.latest(), time.time())
-        if refusal and not self.server.config.allow_extra_usage:
-            raise refusal
         with self.server.gate.slot(self.client_gone), self.lease(request) as lease, \
                 closing(self.answer(lease, request)) as events:
             self.log_served = lease.served
@@ -3687,7 +3708,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
-        if self.route_path and match_route(self.route_path)[0] in COMPLETION_ROUTES:
+        if self.route_path and match_route(self.route_path)[0] in COMPLETION_ROUTES and self.key_given():
             headers += usage_headers(self.server.windows.latest(), time.time())
         origin = self.headers.get("Origin") if self.headers is not None else None  # None: bad request line
         if origin and self.cors_allows(origin):
@@ -3720,7 +3741,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         data = STATUS_PAGE.encode()
         self.send_head(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
                              ("Content-Security-Policy", STATUS_PAGE_POLICY), ("X-Frame-Options", "DENY"),
-                             ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")])
+                             ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
+                             ("X-Content-Type-Options", "nosniff")])
         self.write(data)
 
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):

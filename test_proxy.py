@@ -1009,6 +1009,8 @@ def parse(**body):
     ({"model": "claude-sonnet-4", "messages": [USER], "max_completion_tokens": True}, "max_completion_tokens"),
     ({"model": "claude-sonnet-4", "messages": [USER], "reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"model": "claude-sonnet-4", "messages": [USER], "stop": ["a", 5]}, "stop"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stop": [f"s{n}" for n in range(65)]}, "stop"),
+    ({"model": "claude-sonnet-4", "messages": [USER], "stop": ["x" * 1001]}, "stop"),
     ({"model": "claude-sonnet-4", "messages": [USER], "stop": [""]}, "stop"),
     ({"model": "claude-sonnet-4", "messages": [USER], "logprobs": True}, "logprobs"),
 ])
@@ -1818,6 +1820,17 @@ def test_usage_report_has_each_window_and_how_old_it_is():
                         "disabled_reason": "org_level_disabled"}}
 
 
+def test_numbers_the_cli_reports_that_are_no_time_or_fraction_are_left_out():
+    odd = {"status": "rejected", "resetsAt": 1e300, "isUsingOverage": True,
+           "unifiedWindows": {"five_hour": {"utilization": True, "resetsAt": "soon"}}}
+    assert cmp.usage_report((odd, NOW), NOW, False)["windows"]["five_hour"] == {
+        "used": None, "status": "allowed", "resets_at": None, "resets_in_seconds": None}
+    assert cmp.usage_headers((odd, NOW), NOW) == [("anthropic-ratelimit-unified-status", "rejected")]
+    assert cmp.extra_usage_refusal((odd, NOW), NOW) is None
+    assert cmp.read_text_delta(b'{"type":"stream_event","event":{"type":"content_block_delta","index":' + b"9" * 5000 +
+                               b',"delta":{"type":"text_delta","text":"x"}}}') is None
+
+
 def test_usage_report_before_any_window_was_seen_says_why():
     report = cmp.usage_report(None, NOW, allow_extra_usage=True)
     assert report["windows"] is None and "API key" in report["reason"]
@@ -2441,8 +2454,7 @@ def test_status_data_needs_the_key_and_lists_requests_without_their_text(start_p
     secret = "my secret prompt"
     assert proxy.chat(headers=key, messages=[{"role": "user", "content": secret}]).status == 200
     assert wait_until(lambda: proxy.call("GET", "/v1/status", headers=key).json()["recent"])  # listed once sent
-    status = proxy.call("GET", "/v1/status", headers={**key, "Origin": f"http://127.0.0.1:{proxy.port}"})
-    assert status.status == 200  # from the proxy's own page
+    status = proxy.call("GET", "/v1/status", headers=key)  # as the page asks: a same-origin GET has no Origin
     body = status.json()
     assert secret not in status.text and "Hello" not in status.text
     assert body["recent"] == [{"time": body["recent"][0]["time"], "endpoint": "/v1/chat/completions",
@@ -4158,6 +4170,8 @@ def test_real_usage_windows_show_in_usage_health_and_every_answers_headers(start
     assert usage["extra_usage"]["in_use"] is False and usage["extra_usage"]["allowed"] is False
     assert proxy.call("GET", "/health", headers=key).json()["usage"]["windows"] == usage["windows"]
     assert proxy.call("GET", "/health").json()["usage"] is None  # the window is the key holder's to see
+    refused = proxy.chat()
+    assert refused.status == 401 and not [name for name in refused.headers if "ratelimit" in name]
     upstream.headers = unified_headers("allowed_warning", 0.9, 3600)
     streamed, frames = proxy.open_stream(headers=key)
     list(frames)
@@ -4566,10 +4580,11 @@ def test_make_installs_a_systemd_user_unit_that_runs_this_file_with_this_python(
     make = ["make", "-C", str(HERE), f"HOME={home}", f"PYTHON={sys.executable}", "SYSTEMCTL=echo systemctl --user"]
     done = subprocess.run([*make, "install-systemd"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "systemctl --user enable --now claude-max-proxy.service" in done.stdout
+    assert "systemctl --user enable claude-max-proxy.service" in done.stdout
+    assert "systemctl --user restart claude-max-proxy.service" in done.stdout
     unit_path = home / ".config" / "systemd" / "user" / "claude-max-proxy.service"
     unit = unit_path.read_text()
-    assert f"\nExecStart={sys.executable} {HERE / 'claude_max_proxy.py'}\n" in unit
+    assert f'\nExecStart="{sys.executable}" "{HERE / "claude_max_proxy.py"}"\n' in unit
     assert "\nRestart=on-failure\n" in unit and "\nEnvironmentFile=-%h/.config/claude-max-proxy/env\n" in unit
     options = home / ".config" / "claude-max-proxy" / "env"
     assert options.stat().st_mode & 0o777 == 0o600 and "CLAUDE_MAX_PROXY_" in options.read_text()

@@ -2361,8 +2361,8 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
         return ApiError(402, f"Anthropic bills this request to your account's extra usage, not your plan: "
                              f"{message} See 'Extra usage' in the README.", code="extra_usage_required")
     if error_kind == "rate_limit" or status == 429:
-        resets_at = rate_limit.get("resetsAt")
-        if isinstance(resets_at, (int, float)) and resets_at > now:
+        resets_at = reset_time(rate_limit)
+        if resets_at is not None and resets_at > now:
             wait = int(resets_at - now)
         elif isinstance(retry_delay_ms, (int, float)) and retry_delay_ms > 0:
             wait = round(retry_delay_ms / 1000)
@@ -3385,6 +3385,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def serve_one_request(self):
         self.command, self.requestline, self.path, self.route_path, self.headers = "", "", "", "", None
+        self.endpoint, self.endpoint_item = None, ""  # the path's ROUTES entry and its {id}, once read
         self.request_version, self.declared_length = self.protocol_version, None
         try:
             if not self.read_head():
@@ -3434,6 +3435,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                 "percent-encode them.", code="invalid_request_target")
         try:
             self.route_path = urlsplit(self.path).path
+            self.endpoint, self.endpoint_item = match_route(self.route_path)
         except ValueError as exc:
             raise ApiError(400, f"Invalid request target: {exc}.", code="invalid_request_target") from None
         if len(self.headers.get_all("Host") or ()) > 1:
@@ -3496,7 +3498,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.request_finished()
 
     def route(self):
-        route, item = match_route(self.route_path)
+        route, item = self.endpoint, self.endpoint_item
         if not host_allowed(self.headers.get("Host"), self.server.config):
             raise ApiError(403, f"Host '{self.headers.get('Host')}' is not allowed; start the proxy "
                                 "with --allowed-host NAME to accept it.", code="host_not_allowed")
@@ -3517,10 +3519,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(405, f"{self.command} is not allowed on {self.route_path}; use {allowed}.",
                            code="method_not_allowed", headers=[("Allow", allowed)])
         if route == "/health":
-            self.send_json(200, {"status": "ok", "claude_version": self.server.cli_version,
-                                 "in_flight": self.server.gate.running, "queued": self.server.gate.waiting,
-                                 "processes": self.server.pool.counts(),
-                                 # A monitor needs no key; the subscription's use is the key holder's to see.
+            # A monitor needs no key; the subscription's use is the key holder's to see.
+            self.send_json(200, {"status": "ok", **self.server_state(),
                                  "usage": self.usage_report() if self.key_given() else None})
         elif route == "/v1/usage":
             self.send_json(200, self.usage_report())
@@ -3529,9 +3529,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         elif route == "/":
             self.send_status_page()
         elif route == "/v1/status":
-            self.send_json(200, {"claude_version": self.server.cli_version, "in_flight": self.server.gate.running,
-                                 "queued": self.server.gate.waiting, "processes": self.server.pool.counts(),
-                                 "usage": self.usage_report(), "recent": list(self.server.recent)})
+            self.send_json(200, {**self.server_state(), "usage": self.usage_report(),
+                                 "recent": list(self.server.recent)})
         elif route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [model_object(m) for m in LISTED_MODELS]})
         elif route == "/v1/models/{id}":
@@ -3702,18 +3701,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if isinstance(event, TurnEnd):
                     self.end_sse()  # now: stopping the CLI can take a moment more
 
+    def server_state(self) -> dict:
+        server = self.server
+        return {"claude_version": server.cli_version, "in_flight": server.gate.running,
+                "queued": server.gate.waiting, "processes": server.pool.counts()}
+
     def usage_report(self) -> dict:
         return usage_report(self.server.windows.latest(), time.time(), self.server.config.allow_extra_usage)
 
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
-        if self.route_path and match_route(self.route_path)[0] in COMPLETION_ROUTES and self.key_given():
+        if self.endpoint in COMPLETION_ROUTES and self.key_given():
             headers += usage_headers(self.server.windows.latest(), time.time())
         origin = self.headers.get("Origin") if self.headers is not None else None  # None: bad request line
         if origin and self.cors_allows(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                        ("Access-Control-Expose-Headers", ", ".join(("x-request-id", "retry-after", *USAGE_HEADERS)))]
+                        ("Access-Control-Expose-Headers",
+                         ", ".join(("x-request-id", "retry-after", *USAGE_HEADERS)))]
         return headers
 
     def send_head(self, status: int, headers: Sequence[Tuple[str, str]]):
@@ -3731,24 +3736,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_metrics(self):
         server = self.server
-        data = server.metrics.render(server.pool.counts(), server.pool.starts, server.gate.running,
-                                     server.gate.waiting, server.windows.latest(), time.time()).encode()
-        self.send_head(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                             ("Content-Length", str(len(data)))])
-        self.write(data)
+        text = server.metrics.render(server.pool.counts(), server.pool.starts, server.gate.running,
+                                     server.gate.waiting, server.windows.latest(), time.time())
+        self.send_body(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def send_status_page(self):
-        data = STATUS_PAGE.encode()
-        self.send_head(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
-                             ("Content-Security-Policy", STATUS_PAGE_POLICY), ("X-Frame-Options", "DENY"),
-                             ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
-                             ("X-Content-Type-Options", "nosniff")])
-        self.write(data)
+        self.send_body(200, STATUS_PAGE.encode(), "text/html; charset=utf-8", [
+            ("Content-Security-Policy", STATUS_PAGE_POLICY), ("X-Frame-Options", "DENY"),
+            ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
 
     def send_json(self, status: int, body: dict, headers: Sequence[Tuple[str, str]] = ()):
-        data = json_bytes(body)
-        self.send_head(status, [*headers, ("Content-Type", "application/json"),
-                                ("Content-Length", str(len(data)))])
+        self.send_body(status, json_bytes(body), "application/json", headers)
+
+    def send_body(self, status: int, data: bytes, content_type: str, headers: Sequence[Tuple[str, str]] = ()):
+        self.send_head(status, [*headers, ("Content-Type", content_type), ("Content-Length", str(len(data)))])
         if self.command != "HEAD":
             self.write(data)
 
@@ -3820,8 +3821,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # ── at the end of a request: its metrics, and one log line, never prompt or completion text ──
     def request_finished(self):
-        route = match_route(self.route_path)[0] if self.route_path else None
-        seconds, usage = time.monotonic() - self.started, self.log_usage
+        route, seconds, usage = self.endpoint, time.monotonic() - self.started, self.log_usage
         self.server.metrics.request_done(route or "other", self.log_model, self.status, seconds,
                                          self.first_token, usage, self.log_served)
         if route in COMPLETION_ROUTES:

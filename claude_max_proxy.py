@@ -999,9 +999,11 @@ BILLING_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 EXIT_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.25                # how often a running turn checks its client
 # After each read of the CLI's output, the reader waits this long for more: a
-# stream of deltas then costs the proxy a wake-up per millisecond, not one per
-# delta, which on a laptop's two cores took a third of the CLI's own CPU.
-READ_PAUSE_SECONDS = 0.001
+# stream of deltas then costs the proxy a wake-up every two milliseconds, not
+# one per delta, which on a laptop's two cores took a third of the CLI's own
+# CPU; at one a millisecond, a 3,000-word answer took the proxy a third more
+# CPU. No token waits in the proxy longer than this.
+READ_PAUSE_SECONDS = 0.002
 # The client's functions reach Claude as tools of an MCP server that lives in
 # this process and speaks over the control channel (PROTOCOL.md §8.3). The CLI
 # asks us before any of them runs (§8.4): we refuse, or run it with the result

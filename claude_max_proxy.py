@@ -485,13 +485,20 @@ def parse_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
         specs = _optional(body, "tools", (list,), [])
         tools = [_tool(spec, f"tools[{i}]") for i, spec in enumerate(specs)]
         choice, choice_param = body.get("tool_choice"), "tool_choice"
+    tools, instruction = offered_tools(tools, *_tool_choice(choice, choice_param), choice_param)
+    return tools, instruction, legacy
+
+
+def offered_tools(tools: Sequence[FunctionTool], mode: str, allowed: Optional[List[str]],
+                  choice_param: str) -> Tuple[Tuple[FunctionTool, ...], str]:
+    """The tools a tool choice ("auto", "none" or "required", and the names it allows) offers,
+    and the instruction it makes."""
     names = [tool.name for tool in tools]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ApiError(400, f"Tool names must be unique; {', '.join(duplicates)} is given twice.", param="tools")
-    mode, allowed = _tool_choice(choice, choice_param)
     if mode == "none":
-        return (), "", legacy
+        return (), ""
     if allowed is not None:
         unknown = [name for name in allowed if name not in names]
         if unknown:
@@ -506,7 +513,7 @@ def parse_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
         instruction = f"Respond by calling the function `{allowed[0]}`."
     elif mode == "required":
         instruction = "Respond by calling one or more of the available functions, not with text alone."
-    return tuple(tools), instruction, legacy
+    return tuple(tools), instruction
 
 
 def _tool_choice(choice: object, param: str) -> Tuple[str, Optional[List[str]]]:
@@ -678,17 +685,20 @@ def _image_block(image_url: object, where: str) -> dict:
     if not match:
         raise ApiError(400, f"{where}.image_url.url must be an http(s) URL or a base64 data URL "
                             "(data:image/png;base64,...).", param=f"{where}.image_url")
-    media_type, data = match["type"].lower(), re.sub(r"\s+", "", match["data"])
+    return _base64_image(match["type"], match["data"], where, f"{where}.image_url", "url")
+
+
+def _base64_image(media_type: str, data: str, where: str, param: str, data_field: str) -> dict:
+    media_type, data = media_type.lower(), re.sub(r"\s+", "", data)
     media_type = "image/jpeg" if media_type == "image/jpg" else media_type
     if media_type not in IMAGE_TYPES:
         raise ApiError(400, f"{where} is a {media_type} image; Claude accepts "
-                            f"{', '.join(IMAGE_TYPES)}.", param=f"{where}.image_url")
+                            f"{', '.join(IMAGE_TYPES)}.", param=param)
     try:
         if not base64.b64decode(data, validate=True):
             raise binascii.Error("no data")
     except binascii.Error:
-        raise ApiError(400, f"{where}.image_url.url has no valid base64 data.",
-                       param=f"{where}.image_url") from None
+        raise ApiError(400, f"{param}.{data_field} has no valid base64 data.", param=param) from None
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 

@@ -165,7 +165,7 @@ def _access_options(add: Callable, env: Callable[[str], Optional[str]]):
     add("--claude", metavar="PATH", default=env("CLAUDE") or Config.claude,
         help="the Claude Code CLI to run ($CLAUDE_MAX_PROXY_CLAUDE; default: `claude` on PATH)")
     add("--api-key", metavar="KEY", default=env("API_KEY"),
-        help="require `Authorization: Bearer KEY` on every route but /health and the status page "
+        help="require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every route but /health and the status page "
              "($CLAUDE_MAX_PROXY_API_KEY)")
     add("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
         help="allow browser requests from ORIGIN; repeatable, `*` for any "
@@ -228,10 +228,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# ── 2. Errors: one exception type, rendered in OpenAI's envelope ────────────
+# ── 2. Errors: one exception type, in OpenAI's envelope or Anthropic's ──────
+
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 402: "billing_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
 
 class ApiError(Exception):
-    """An error the client sees, as {"error": {"message", "type", "param", "code"}}."""
+    """An error the client sees, as {"error": {"message", "type", "param", "code"}} (OpenAI's envelope),
+    or in Anthropic's on the Messages API."""
 
     def __init__(self, status: int, message: str, *, code: Optional[str] = None,
                  param: Optional[str] = None, error_type: Optional[str] = None,
@@ -249,6 +255,11 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        """The error as the Messages API gives it: Anthropic's type for the status, and the message."""
+        kind = ANTHROPIC_ERROR_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 class ClientGone(Exception):
@@ -426,7 +437,8 @@ def _optional(body: dict, name: str, kinds: tuple, default, param: Optional[str]
     if value is None:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        kind = {bool: "boolean", int: "integer", dict: "object", str: "string"}.get(kinds[0], "number")
+        kind = {bool: "boolean", int: "integer", dict: "object", str: "string",
+                list: "array"}.get(kinds[0], "number")
         param = param or name
         raise ApiError(400, f"'{param}' must be a {kind}, got {json.dumps(value)[:40]}.", param=param)
     return value
@@ -996,6 +1008,199 @@ def _message_content(content: object, where: str) -> object:
             raise ApiError(400, f"{where}.content[{i}] has type '{kind}'; use input_text or input_image "
                                 "(with an image_url) parts.", param=f"{where}.content[{i}]")
     return parts
+
+
+# The Messages API (/v1/messages) is Anthropic's own: its blocks already are
+# the ones Claude takes, so they are checked and kept, not translated.
+
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+MESSAGES_TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
+
+
+@dataclass(frozen=True)
+class MessagesRequest:
+    chat: ChatRequest
+    shows_thinking: bool  # the client asked for thinking, and so gets thinking blocks
+
+
+def parse_messages_request(body: object) -> MessagesRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "'model' is required: name a model such as claude-sonnet-4.", param="model")
+    max_tokens = _optional(body, "max_tokens", (int,), None)
+    if max_tokens is None or max_tokens < 1:
+        raise ApiError(400, "'max_tokens' is required, and must be at least 1.", param="max_tokens")
+    for name, top in (("temperature", 1), ("top_p", 1)):
+        value = _optional(body, name, (float, int), None)
+        if value is not None and not 0 <= value <= top:
+            raise ApiError(400, f"'{name}' must be between 0 and {top}, got {value}.", param=name)
+    _optional(body, "top_k", (int,), None)
+    _optional(body, "metadata", (dict,), None)
+    thinking = _thinking(body)
+    history, prompt = _messages_turns(body.get("messages"))
+    tools, instruction, one_tool_call = _messages_tools(body)
+    system = "\n\n".join(part for part in (_system_text(body.get("system")), instruction) if part)
+    launch = LaunchSettings(model=resolve_model(model), max_tokens=max_tokens, thinking=thinking != "disabled")
+    try:
+        stops = _stop_sequences(body.get("stop_sequences"))
+    except ApiError as err:
+        raise renamed(err, {"stop": "stop_sequences"}) from None
+    chat = ChatRequest(model=model, launch=launch, session=SessionSettings(system_prompt=system, tools=tools),
+                       history=history, prompt=prompt, stream=_optional(body, "stream", (bool,), False),
+                       stop=stops, one_tool_call=one_tool_call)
+    return MessagesRequest(chat, shows_thinking=thinking in ("enabled", "adaptive"))
+
+
+def _thinking(body: dict) -> str:
+    """"enabled", "adaptive", "disabled", or "" when the client did not say."""
+    thinking = _optional(body, "thinking", (dict,), None)
+    if thinking is None:
+        return ""
+    kind = thinking.get("type")
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise ApiError(400, "'thinking.type' must be enabled, adaptive or disabled.", param="thinking.type")
+    if kind == "enabled":
+        budget = _optional(thinking, "budget_tokens", (int,), None, param="thinking.budget_tokens")
+        if budget is None or budget < 1024:
+            raise ApiError(400, "'thinking.budget_tokens' must be at least 1024.", param="thinking.budget_tokens")
+    return kind
+
+
+def _system_text(system: object) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    if isinstance(system, list):
+        return "\n\n".join(_text_of(block, f"system[{i}]") for i, block in enumerate(system))
+    raise ApiError(400, "'system' must be a string or an array of text blocks.", param="system")
+
+
+def _text_of(block: object, where: str) -> str:
+    if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+        raise ApiError(400, f"{where} must be a text block: {{\"type\": \"text\", \"text\": ...}}.", param=where)
+    return block["text"]
+
+
+def _messages_turns(messages: object) -> Tuple[Tuple[Turn, ...], Turn]:
+    """The messages as alternating turns, and the last user turn apart; every tool_use answered
+    by a tool_result in the user turn after it, as at Anthropic."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
+    turns: List[Turn] = []
+    calls = OpenToolCalls()
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant"):
+            raise ApiError(400, f"{where} must be an object with the role user or assistant.", param=where)
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where}.content must be a string or an array of content blocks.",
+                           param=f"{where}.content")
+        if role == "assistant":
+            calls.check_answered(before=where)
+        blocks = [_message_block(role, block, f"{where}.content[{i}]", calls) for i, block in enumerate(content)]
+        turn = Turn(role, [block for block in blocks if block is not None])
+        if not turn.content:
+            continue
+        if turns and turns[-1].role == role:
+            turn = Turn(role, turns.pop().content + turn.content)
+        turns.append(turn)
+    calls.check_answered(before="the end of 'messages'")
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "The last message must be a user message with content: Claude Code answers the "
+                            "user's turn, and cannot go on with a prefilled assistant turn.", param="messages")
+    turns = [Turn(t.role, sorted(t.content, key=lambda b: b["type"] != "tool_result")) for t in turns]
+    return tuple(turns[:-1]), turns[-1]
+
+
+def _message_block(role: str, block: object, where: str, calls: OpenToolCalls) -> Optional[dict]:
+    """The block as Claude takes it (None: nothing to send), with only the fields Claude Code passes on."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "text":
+        text = _text_of(block, where)
+        return {"type": "text", "text": text} if text else None
+    if role == "user" and kind == "image":
+        return _source_image(block.get("source"), where)
+    if role == "user" and kind == "tool_result":
+        return _tool_result(block, where, calls)
+    if role == "assistant" and kind == "tool_use":
+        name, tool_input = block.get("name"), block.get("input")
+        if not isinstance(block.get("id"), str) or not block["id"] or not isinstance(name, str) or not name \
+                or not isinstance(tool_input, dict):
+            raise ApiError(400, f"{where} must have an 'id', a 'name' and an 'input' object.", param=where)
+        return {"type": "tool_use", "id": calls.add(block["id"], where), "name": name, "input": tool_input}
+    if role == "assistant" and kind in THINKING_BLOCKS:
+        return None  # the CLI keeps its own; one that takes in the conversation anew answers without
+    shown = kind if isinstance(kind, str) else json.dumps(block)[:40]
+    allowed = "text, image and tool_result" if role == "user" else "text, tool_use and thinking"
+    raise ApiError(400, f"{where} has type '{shown}', which Claude Code cannot take in a {role} message; "
+                        f"use {allowed} blocks.", param=where)
+
+
+def _source_image(source: object, where: str) -> dict:
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "url" and isinstance(source.get("url"), str) and source["url"].startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": source["url"]}}
+    if kind == "base64" and isinstance(source.get("media_type"), str) and isinstance(source.get("data"), str):
+        return _base64_image(source["media_type"], source["data"], where, f"{where}.source", "data")
+    raise ApiError(400, f"{where}.source must be {{\"type\": \"base64\", \"media_type\", \"data\"}} or "
+                        "{\"type\": \"url\", \"url\": \"https://...\"}.", param=f"{where}.source")
+
+
+def _tool_result(block: dict, where: str, calls: OpenToolCalls) -> dict:
+    tool_use_id = block.get("tool_use_id")
+    if not isinstance(tool_use_id, str) or not tool_use_id:
+        raise ApiError(400, f"{where} is a tool_result without a 'tool_use_id'.", param=f"{where}.tool_use_id")
+    result = {"type": "tool_result", "tool_use_id": calls.answer(tool_use_id, where)}
+    content = block.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}] if content else []
+    if content is not None and not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or an array of text and image blocks.",
+                       param=f"{where}.content")
+    parts = []
+    for i, part in enumerate(content or []):
+        here = f"{where}.content[{i}]"
+        if isinstance(part, dict) and part.get("type") == "image":
+            parts.append(_source_image(part.get("source"), here))
+        elif _text_of(part, here):
+            parts.append({"type": "text", "text": part["text"]})
+    if parts:
+        result["content"] = parts
+    if _optional(block, "is_error", (bool,), False, param=f"{where}.is_error"):
+        result["is_error"] = True
+    return result
+
+
+def _messages_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
+    """The tools Claude is offered, the instruction their tool_choice makes, and whether one call at most."""
+    specs = _optional(body, "tools", (list,), [])
+    tools = []
+    for i, spec in enumerate(specs):
+        where = f"tools[{i}]"
+        kind = spec.get("type", "custom") if isinstance(spec, dict) else None
+        if kind != "custom":
+            raise ApiError(400, f"{where} has type '{kind}': Claude Code runs no server tools for the client; "
+                                "give tools with a 'name' and an 'input_schema'.", param=where)
+        try:
+            tools.append(_function_tool({"name": spec.get("name"), "description": spec.get("description"),
+                                         "parameters": spec.get("input_schema")}, where))
+        except ApiError as err:
+            raise renamed(err, {f"{where}.parameters": f"{where}.input_schema"}) from None
+    choice = _optional(body, "tool_choice", (dict,), {"type": "auto"})
+    mode = MESSAGES_TOOL_CHOICES.get(choice.get("type"))
+    if mode is None or choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
+        raise ApiError(400, "'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} "
+                            "or {\"type\": \"tool\", \"name\": ...}.", param="tool_choice")
+    one_call = _optional(choice, "disable_parallel_tool_use", (bool,), False,
+                         param="tool_choice.disable_parallel_tool_use")
+    allowed = [choice["name"]] if choice.get("type") == "tool" else None
+    offered, instruction = offered_tools(tools, mode, allowed, "tool_choice")
+    return offered, instruction, one_call
 
 
 # ── 5. The CLI process: LaunchSettings → a running `claude -p` (I/O) ────────
@@ -2038,6 +2243,7 @@ class TurnEnd:
     text: str = ""       # the whole answer, as sent
     reasoning: str = ""  # the whole thinking, as sent
     tool_calls: Tuple[ToolCall, ...] = ()
+    stop_sequence: Optional[str] = None  # the client's, when one ended the answer
 
 
 def answer_turn(end: TurnEnd) -> Optional[Turn]:
@@ -2103,19 +2309,20 @@ class StopScanner:
         self.stops = tuple(stops)
         self.held = ""
 
-    def feed(self, text: str) -> Tuple[str, bool]:
-        """Return (text safe to emit, whether a stop sequence was found)."""
+    def feed(self, text: str) -> Tuple[str, Optional[str]]:
+        """Return (text safe to emit, the stop sequence found, if one was)."""
         if not self.stops:
-            return text, False
+            return text, None
         buffer = self.held + text
-        hits = [i for i in (buffer.find(stop) for stop in self.stops) if i >= 0]
+        hits = [(i, stop) for i, stop in ((buffer.find(stop), stop) for stop in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return buffer[:min(hits)], True
+            at, stop = min(hits)
+            return buffer[:at], stop
         keep = next((n for n in range(min(len(buffer), max(map(len, self.stops)) - 1), 0, -1)
                      if any(stop.startswith(buffer[-n:]) for stop in self.stops)), 0)
         self.held = buffer[len(buffer) - keep:]
-        return buffer[:len(buffer) - keep], False
+        return buffer[:len(buffer) - keep], None
 
     def flush(self) -> str:
         held, self.held = self.held, ""
@@ -2157,6 +2364,7 @@ class TurnTranslator:
         self.one_tool_call = one_tool_call
         self.structured = structured
         self.ended_by: Optional[str] = None  # "stop_sequence", "max_tokens" or "tool_use"
+        self.stop_found: Optional[str] = None  # the client's stop sequence that ended the text
         self.stream_usage = Usage()
         self.streamed = False    # the current attempt arrives as stream events
         self.error_kind = None   # from the CLI's synthetic error message
@@ -2310,8 +2518,8 @@ class TurnTranslator:
         if reasoning:
             self.reasoning.append(new)
             return [TextDelta(new, reasoning=True)]
-        new, stopped = self.scanner.feed(new)
-        if stopped:
+        new, self.stop_found = self.scanner.feed(new)
+        if self.stop_found:
             self.ended_by = "stop_sequence"
         return self._content(new)
 
@@ -2346,7 +2554,8 @@ class TurnTranslator:
 
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
         calls = tuple(ToolCall(call_id, name, "".join(pieces)) for call_id, name, pieces in self.calls)
-        return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning), calls)
+        return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning), calls,
+                       stop_sequence=self.stop_found if stop_reason == "stop_sequence" else None)
 
 
 def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float,
@@ -2548,6 +2757,7 @@ class Reply:
         return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
 
     stream_end = b"data: [DONE]\n\n"
+    keepalive = b": keep-alive\n\n"
 
     def start(self) -> List[dict]:
         return [self.chunk({"role": "assistant", "content": ""})]
@@ -2652,6 +2862,7 @@ class ResponseBuilder:
         self.open: Optional[dict] = None  # the item being written
 
     stream_end = b""  # no [DONE]: response.completed or response.failed ends the stream
+    keepalive = b": keep-alive\n\n"
 
     @property
     def output(self) -> List[dict]:
@@ -2778,6 +2989,111 @@ class ResponseBuilder:
         return [dict(message, tool_calls=calls) if calls else message]
 
 
+# The Messages API's answer: Anthropic's message, its content blocks opened and
+# closed as the turn's events arrive, each change a named stream event.
+
+def messages_usage(usage: Usage) -> dict:
+    return {"input_tokens": usage.input_tokens, "cache_creation_input_tokens": usage.cache_write_tokens,
+            "cache_read_input_tokens": usage.cache_read_tokens, "output_tokens": usage.output_tokens}
+
+
+class MessageBuilder:
+    """One Messages API answer: feed() takes TextDelta, ToolCallDelta and TurnEnd and returns
+    Anthropic's stream events; whole() is the message object. Thinking is shown only to a
+    client that asked for it, as at Anthropic."""
+
+    def __init__(self, model: str, shows_thinking: bool = False):
+        self.model = model
+        self.shows_thinking = shows_thinking
+        self.id = f"msg_{uuid.uuid4().hex}"
+        self.blocks = -1  # the index of the last block opened
+        self.open: Optional[str] = None  # the kind of the block being written: text, thinking or tool_use
+        self.call_blocks: Dict[int, int] = {}  # a tool call's index → its block
+
+    stream_end = b""  # message_stop, or an error event, ends the stream
+    keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+    @staticmethod
+    def sse(frame: dict) -> bytes:
+        return b"event: " + frame["type"].encode() + b"\ndata: " + json_bytes(frame) + b"\n\n"
+
+    def start(self) -> List[dict]:
+        # The usage is the turn's: it is known at its end, in message_delta.
+        return [{"type": "message_start", "message": dict(self._message([], None), usage=messages_usage(Usage()))}]
+
+    def feed(self, event) -> List[dict]:
+        if isinstance(event, TextDelta):
+            if event.reasoning and not self.shows_thinking:
+                return []
+            kind = "thinking" if event.reasoning else "text"
+            opened = self._open(kind, {"type": "thinking", "thinking": "", "signature": ""} if event.reasoning
+                                else {"type": "text", "text": ""})
+            return [*opened, self._delta({"type": f"{kind}_delta", kind: event.text})]
+        if isinstance(event, ToolCallDelta):
+            frames = []
+            if event.id is not None:
+                frames = self._open("tool_use", {"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
+                self.call_blocks[event.index] = self.blocks
+            if event.arguments:
+                frames.append({"type": "content_block_delta", "index": self.call_blocks[event.index],
+                               "delta": {"type": "input_json_delta", "partial_json": event.arguments}})
+            return frames
+        return [*self._close(), {"type": "message_delta", "delta": self._ending(event),
+                                 "usage": messages_usage(event.usage)},
+                {"type": "message_stop"}]
+
+    def fail(self, err: ApiError) -> List[dict]:
+        return [err.anthropic_body()]
+
+    def whole(self, end: TurnEnd) -> dict:
+        content = []
+        if end.reasoning and self.shows_thinking:
+            content.append({"type": "thinking", "thinking": end.reasoning, "signature": ""})
+        if end.text:
+            content.append({"type": "text", "text": end.text})
+        content += [{"type": "tool_use", "id": call.id, "name": call.name, "input": call_input(call)}
+                    for call in end.tool_calls]
+        return dict(self._message(content, end), usage=messages_usage(end.usage))
+
+    def _message(self, content: list, end: Optional[TurnEnd]) -> dict:
+        ending = self._ending(end) if end else {"stop_reason": None, "stop_sequence": None}
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                **ending}
+
+    @staticmethod
+    def _ending(end: TurnEnd) -> dict:
+        return {"stop_reason": end.stop_reason or "end_turn", "stop_sequence": end.stop_sequence}
+
+    def _open(self, kind: str, block: dict) -> List[dict]:
+        if self.open == kind and kind != "tool_use":
+            return []
+        frames = self._close()
+        self.blocks += 1
+        self.open = kind
+        return [*frames, {"type": "content_block_start", "index": self.blocks, "content_block": block}]
+
+    def _close(self) -> List[dict]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [{"type": "content_block_stop", "index": self.blocks}]
+
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": self.blocks, "delta": delta}
+
+
+def call_input(call: ToolCall) -> dict:
+    """A call's arguments as the object Anthropic's tool_use block holds."""
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except (ValueError, RecursionError):
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ApiError(502, f"Claude's call to {call.name} has arguments that are not a JSON object.",
+                       code="cli_bad_output")
+    return arguments
+
+
 # ── 8. The HTTP server: routes, admission, stored responses, SSE (I/O) ─────
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's own request limit
@@ -2801,9 +3117,11 @@ HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+
 # Each route, as written without its /v1 (which is optional), and its methods.
 ROUTES = {"/": ("GET",), "/health": ("GET",), "/metrics": ("GET",), "/v1/status": ("GET",), "/v1/usage": ("GET",),
           "/v1/models": ("GET",), "/v1/models/{id}": ("GET",),
-          "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE")}
+          "/v1/chat/completions": ("POST",), "/v1/responses": ("POST",), "/v1/responses/{id}": ("GET", "DELETE"),
+          "/v1/messages": ("POST",), "/v1/messages/count_tokens": ("POST",)}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
-COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses")  # their answers carry the usage windows
+COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages")  # their answers carry the usage windows
+MESSAGES_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")  # their errors are in Anthropic's envelope
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
@@ -3552,6 +3870,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.stored_response(item)
         elif route == "/v1/responses":
             self.create_response()
+        elif route == "/v1/messages":
+            self.create_message()
+        elif route == "/v1/messages/count_tokens":
+            raise ApiError(404, "Claude Code cannot count tokens without sending the request to Claude, and the "
+                                "proxy does not guess: send the request to /v1/messages and read its usage.",
+                           code="not_supported")
         else:
             self.chat_completions()
 
@@ -3569,15 +3893,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def check_api_key(self):
         if not self.key_given():
-            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the "
-                                "key given to --api-key.", code="invalid_api_key",
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' (or "
+                                "'x-api-key: <key>') with the key given to --api-key.", code="invalid_api_key",
                            headers=[("WWW-Authenticate", "Bearer")])
 
     def key_given(self) -> bool:
         """Whether the request carries the --api-key, if there is one."""
         key = self.server.config.api_key
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        return key is None or scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+        if scheme.lower() != "bearer":
+            given = self.headers.get("x-api-key", "")  # as Anthropic's clients send it
+        return key is None or hmac.compare_digest(given.strip().encode(), key.encode())
 
     def read_json(self) -> object:
         """The body, within --read-timeout, parsed; check_head has checked its length."""
@@ -3643,6 +3969,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                        size=self.body_length + len(json_bytes(builder.output)))
         self.send_reply(request, keep)
 
+    # ── messages ──
+    def create_message(self):
+        request = parse_messages_request(self.read_body())
+        self.reply = MessageBuilder(request.chat.model, request.shows_thinking)
+        self.send_reply(request.chat)
+
     def stored_response(self, response_id: str):
         if self.command == "DELETE":
             self.server.stored.delete(response_id)
@@ -3698,7 +4030,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if event is None:  # the CLI has nothing more for now
                     if not self.unsent and time.monotonic() - self.last_sent >= KEEPALIVE_SECONDS:
                         self.begin_stream()  # clients and proxies must not time out while Claude is silent
-                        self.unsent.append(b": keep-alive\n\n")
+                        self.unsent.append(self.reply.keepalive)
                     self.send_unsent()
                     continue
                 self.begin_stream()
@@ -3776,8 +4108,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         if not self.body_read and self.declared_length:  # (check_head refused any other framing)
             self.close_connection = True  # its unread body must not be taken for the next request
+        body = err.anthropic_body() if self.endpoint in MESSAGES_ROUTES else err.body()
         try:
-            self.send_json(err.status, err.body(), err.headers)
+            self.send_json(err.status, body, err.headers)
         except ClientGone:
             self.close_connection = True
 

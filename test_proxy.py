@@ -338,7 +338,11 @@ class Client:
     def respond_streaming(self, **body) -> tuple:
         """POST /v1/responses with stream: the response and its (event name, data) pairs."""
         body.setdefault("input", "hi")
-        conn, reply = self.post_streaming("/v1/responses", body)
+        return self.named_events("/v1/responses", body)
+
+    def named_events(self, path, body, headers=None) -> tuple:
+        """POST a streamed request: the response and its (event name, data) pairs."""
+        conn, reply = self.post_streaming(path, body, headers)
         events, name = [], None
         for line in iter(reply.readline, b""):
             line = line.decode().rstrip("\n")
@@ -1636,7 +1640,8 @@ def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_str
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
     translator, out = translate([message_start(input_tokens=42), text_delta("a."), text_delta("b"),
                                  interrupted], stop=["."])
-    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a")]
+    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a",
+                                           stop_sequence=".")]
 
 
 
@@ -4796,3 +4801,166 @@ def test_real_responses_function_call_round_trip(real_client, upstream, stream):
                                     "input": {"city": "Oslo"}}]
     assert [without_cache_marks(block) for block in turns[2]["content"]] == [
         {"type": "tool_result", "tool_use_id": "toolu_01Rt", "content": texts("sunny")}]
+
+
+# ── the Messages API ────────────────────────────────────────────────────────
+
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_messages_request_keeps_claudes_blocks_and_drops_the_clients_thinking():
+    request = cmp.parse_messages_request({
+        "model": "claude-sonnet-4", "max_tokens": 300, "system": [{"type": "text", "text": "Be terse."}],
+        "stop_sequences": ["END"], "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "tools": [WEATHER_TOOL], "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Hm.", "signature": "c2ln"},
+                                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                               "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "text", "text": "There."},
+                                         {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                          "content": [{"type": "text", "text": "no network"}]}]}]})
+    chat = request.chat
+    assert request.shows_thinking and chat.one_tool_call and chat.stop == ("END",)
+    assert chat.launch == cmp.LaunchSettings("sonnet", max_tokens=300)
+    assert chat.session.system_prompt == "Be terse." and [t.name for t in chat.session.tools] == ["get_weather"]
+    assert chat.history[1].content == [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                        "input": {"city": "Oslo"}}]
+    assert chat.prompt.content == [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                    "content": texts("no network")}, {"type": "text", "text": "There."}]
+
+
+def test_messages_tool_choice_and_disabled_thinking():
+    base = {"model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER_TOOL, dict(WEATHER_TOOL, name="get_time")]}
+    named = cmp.parse_messages_request(dict(base, tool_choice={"type": "tool", "name": "get_time"})).chat
+    assert [t.name for t in named.session.tools] == ["get_time"]
+    assert named.session.system_prompt == "Respond by calling the function `get_time`."
+    assert cmp.parse_messages_request(dict(base, tool_choice={"type": "none"})).chat.session.tools == ()
+    quiet = cmp.parse_messages_request(dict(base, thinking={"type": "disabled"}))
+    assert not quiet.shows_thinking and quiet.chat.launch.thinking is False
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_tokens": None}, "'max_tokens' is required"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure:"}]},
+     "cannot go on with a prefilled assistant turn"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "runs no server tools"),
+    ({"tools": [dict(WEATHER_TOOL, input_schema={"type": "string"})]}, "tools[0].input_schema must be"),
+    ({"stop_sequences": [""]}, "'stop_sequences' must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "!!"}}]}]}, "source.data has no valid base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "has type 'document'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}, {"role": "user", "content": "b"}]},
+     "has no tool message answering it"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 10}}, "budget_tokens' must be at least 1024"),
+])
+def test_messages_request_errors(change, message):
+    body = {"model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **change}
+    with pytest.raises(ApiError) as caught:
+        cmp.parse_messages_request({k: v for k, v in body.items() if v is not None})
+    assert caught.value.status == 400 and message in caught.value.message
+    assert caught.value.anthropic_body() == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": caught.value.message}}
+
+
+def test_message_builder_streams_anthropics_events_in_order():
+    builder = cmp.MessageBuilder("claude-sonnet-4", shows_thinking=True)
+    end = TurnEnd("tool_use", Usage(10, 5, 2, 1), "Hi there", "Hm.",
+                  (cmp.ToolCall("toolu_1", "get_weather", '{"city": "Oslo"}'),))
+    frames = builder.start()
+    for event in (TextDelta("Hm.", reasoning=True), TextDelta("Hi"), TextDelta(" there"),
+                  cmp.ToolCallDelta(0, '{"city": ', id="toolu_1", name="get_weather"),
+                  cmp.ToolCallDelta(0, '"Oslo"}'), end):
+        frames += builder.feed(event)
+    assert [(f["type"], f.get("index")) for f in frames] == [
+        ("message_start", None), ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_delta", 1),
+        ("content_block_stop", 1), ("content_block_start", 2), ("content_block_delta", 2),
+        ("content_block_delta", 2), ("content_block_stop", 2), ("message_delta", None), ("message_stop", None)]
+    assert frames[8]["content_block"] == {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    assert frames[10]["delta"] == {"type": "input_json_delta", "partial_json": '"Oslo"}'}
+    assert frames[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert frames[-2]["usage"] == {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 2,
+                                   "cache_creation_input_tokens": 1}
+    assert builder.sse(frames[-1]) == b'event: message_stop\ndata: {"type": "message_stop"}\n\n'
+    whole = builder.whole(end)
+    assert whole["content"] == [{"type": "thinking", "thinking": "Hm.", "signature": ""},
+                                {"type": "text", "text": "Hi there"},
+                                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]
+
+
+def test_message_builder_hides_thinking_nobody_asked_for():
+    builder = cmp.MessageBuilder("sonnet")
+    frames = builder.feed(TextDelta("Hm.", reasoning=True)) + builder.feed(TextDelta("Hi"))
+    assert [f["type"] for f in frames] == ["content_block_start", "content_block_delta"]
+    assert frames[0] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert builder.whole(TurnEnd("end_turn", Usage(), "Hi", "Hm."))["content"] == [{"type": "text", "text": "Hi"}]
+
+
+def test_stop_sequence_found_is_the_messages_stop_sequence():
+    translator = TurnTranslator(stop=["STOP", "END"])
+    events = [{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": "one END two STOP"}}}]
+    out = [item for event in events for item in translator.feed(event)]
+    assert out == [TextDelta("one ")] and translator.ended_by == "stop_sequence"
+    end = translator.feed({"type": "result", "subtype": "success", "is_error": False, "result": "",
+                           "usage": {"input_tokens": 1, "output_tokens": 2}})[-1]
+    assert (end.stop_reason, end.stop_sequence) == ("stop_sequence", "END")
+    assert cmp.MessageBuilder("sonnet").whole(end)["stop_sequence"] == "END"
+
+
+def test_real_messages_api_answers_streams_and_fails_in_anthropics_shapes(start_real_proxy, upstream):
+    client = start_real_proxy(api_key="sekrit")
+    upstream.default = answer(pieces=["Hel", "lo"], thinking="Hmm.")
+    key = {"x-api-key": "sekrit", "anthropic-version": "2023-06-01"}
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "system": "Be brief.",
+            "messages": [{"role": "user", "content": "Say hello"}]}
+    reply = client.call("POST", "/v1/messages", body, headers=key)
+    message = reply.json()
+    assert reply.status == 200 and message["type"] == "message" and message["id"].startswith("msg_")
+    assert message["content"] == [{"type": "text", "text": "Hello"}] and message["stop_reason"] == "end_turn"
+    assert message["usage"] == {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 0,
+                                "cache_creation_input_tokens": 0}
+    assert user_texts(upstream.last) == [["Say hello"]]
+    assert "Be brief." in json.dumps(upstream.last["system"])
+    reply, events = client.named_events("/messages", dict(body, thinking={"type": "adaptive"}), headers=key)
+    assert reply.status == 200 and all(name == data["type"] for name, data in events)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+    assert deltas[0] == {"type": "thinking_delta", "thinking": "Hmm."}
+    assert "".join(d.get("text", "") for d in deltas) == "Hello"
+    assert events[-2][1]["usage"]["input_tokens"] == 10
+    refused = client.call("POST", "/v1/messages", body, headers={"x-api-key": "wrong"})
+    assert refused.status == 401 and refused.json()["error"]["type"] == "authentication_error"
+    bad = client.call("POST", "/v1/messages", dict(body, max_tokens=0), headers=key)
+    assert bad.status == 400 and bad.json() == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "'max_tokens' is required, and must be at least 1."}}
+    counted = client.call("POST", "/v1/messages/count_tokens", body, headers=key)
+    assert counted.status == 404 and "cannot count tokens" in counted.json()["error"]["message"]
+
+
+def test_real_messages_tool_round_trip_goes_on_in_the_same_cli(real_client, upstream, caplog):
+    caplog.set_level("INFO", logger="claude-max-proxy")
+    upstream.script = [tool_use(("toolu_01Ms", "get_weather", {"city": "Oslo"}))]
+    upstream.default = answer("Sunny in Oslo.")
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "tools": [WEATHER_TOOL],
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+    _, events = real_client.named_events("/v1/messages", body)
+    starts = [data["content_block"] for name, data in events if name == "content_block_start"]
+    assert starts == [{"type": "tool_use", "id": "toolu_01Ms", "name": "get_weather", "input": {}}]
+    arguments = "".join(data["delta"]["partial_json"] for name, data in events if name == "content_block_delta")
+    assert json.loads(arguments) == {"city": "Oslo"} and events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    body["messages"] += [
+        {"role": "assistant", "content": [dict(starts[0], input={"city": "Oslo"})]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01Ms", "content": "sunny"}]}]
+    final = real_client.call("POST", "/v1/messages", dict(body, stream=False)).json()
+    assert final["content"] == [{"type": "text", "text": "Sunny in Oslo."}]
+    assert served(caplog, 2) == ["cold", "continued"]  # the CLI held Claude's call, and took its result
+    turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
+    assert [without_cache_marks(block) for block in turns[2]["content"]] == [
+        {"type": "tool_result", "tool_use_id": "toolu_01Ms", "content": texts("sunny")}]

@@ -396,12 +396,18 @@ def check_nesting(value: object, where: str = "") -> None:
                 containers.append((child, name, depth + 1))
 
 
-def parse_chat_request(body: object) -> ChatRequest:
+def requested_model(body: object) -> str:
+    """The model a request body names, once the body is known to be an object."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "'model' is required: name a model such as claude-sonnet-4.", param="model")
+    return model
+
+
+def parse_chat_request(body: object) -> ChatRequest:
+    model = requested_model(body)
     cli_model = resolve_model(model)
     system_prompt, turns = parse_messages(body.get("messages"))
     stream = _optional(body, "stream", (bool,), False)
@@ -1024,11 +1030,7 @@ class MessagesRequest:
 
 
 def parse_messages_request(body: object) -> MessagesRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise ApiError(400, "'model' is required: name a model such as claude-sonnet-4.", param="model")
+    model = requested_model(body)
     max_tokens = _optional(body, "max_tokens", (int,), None)
     if max_tokens is None or max_tokens < 1:
         raise ApiError(400, "'max_tokens' is required, and must be at least 1.", param="max_tokens")

@@ -1249,6 +1249,8 @@ def build_cli_env(environ: Mapping[str, str], config: Config, settings: LaunchSe
     env["CLAUDE_CODE_MAX_RETRIES"] = str(config.max_retries)
     env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # Claude sees get_weather, not mcp__client__get_weather
     env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")  # no telemetry; starts faster
+    # The client keeps its own budget: no "<total_tokens>N tokens left" note after its tool results.
+    env["CLAUDE_CODE_TOTAL_TOKENS_REMINDER"] = "off"
     if settings.max_tokens is not None:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(settings.max_tokens)
     if not settings.thinking:
@@ -1613,7 +1615,7 @@ class ClaudeProcess:
         and the request's prompt; or, when it holds Claude's calls, their
         `results` (by Claude's tool_use id). With `hold_calls`, a turn that
         ends in calls to the client's functions waits for their results in the
-        CLI. Yields TextDelta and ToolCallDelta as they come, None whenever
+        CLI. Yields TurnStart, TextDelta, ThinkingSignature and ToolCallDelta as they come, None whenever
         the CLI has nothing more for now (and every POLL_SECONDS while it is
         silent), and last TurnEnd. Raises ApiError, or ClientGone once
         client_gone() says the client left.
@@ -2224,6 +2226,16 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class TurnStart:
+    usage: Usage  # what Claude's message began with: its input, as Anthropic's message_start says
+
+
+@dataclass(frozen=True)
+class ThinkingSignature:
+    signature: str  # Anthropic's seal on the thinking just written
+
+
+@dataclass(frozen=True)
 class ToolCallDelta:
     index: int                  # which call of this answer, from 0
     arguments: str              # the next piece of its JSON arguments
@@ -2246,6 +2258,7 @@ class TurnEnd:
     reasoning: str = ""  # the whole thinking, as sent
     tool_calls: Tuple[ToolCall, ...] = ()
     stop_sequence: Optional[str] = None  # the client's, when one ended the answer
+    signature: str = ""  # the last ThinkingSignature
 
 
 def answer_turn(end: TurnEnd) -> Optional[Turn]:
@@ -2332,7 +2345,8 @@ class StopScanner:
 
 
 class TurnTranslator:
-    """Turns one turn's stream-json events into TextDelta and TurnEnd.
+    """Turns one turn's stream-json events into TurnStart, TextDelta, ThinkingSignature,
+    ToolCallDelta and TurnEnd.
 
     `live` means the text goes straight to a client and cannot be retracted;
     otherwise a restarted stream simply starts the answer over. `ended_by`
@@ -2373,11 +2387,13 @@ class TurnTranslator:
         self.rate_limit: dict = {}
         self.retry_delay_ms: Optional[float] = None  # the CLI's last wait before a retry: upstream's retry-after
         self.thinking_muted = False
+        self.started = False  # TurnStart is out
         self._start_answer()
 
     def _start_answer(self):
         self.content: List[str] = []
         self.reasoning: List[str] = []
+        self.signature = ""
         self.calls: List[Tuple[str, str, List[str]]] = []  # (id, name, argument pieces)
         self.call_blocks: List[int] = []   # the content block of each call
         self.call_at: Dict[int, int] = {}  # content block → its call, while it is written
@@ -2404,6 +2420,9 @@ class TurnTranslator:
         if kind == "message_start":
             self.streamed = True
             self.stream_usage = Usage.from_claude((event.get("message") or {}).get("usage"))
+            if not self.started:  # (a retry's message starts again)
+                self.started = True
+                return [TurnStart(self.stream_usage)]
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
@@ -2416,6 +2435,8 @@ class TurnTranslator:
                 return self._text(delta.get("thinking") or "", reasoning=True)
             if delta.get("type") == "input_json_delta":
                 return self._call_arguments(index, delta.get("partial_json") or "")
+            if delta.get("type") == "signature_delta":
+                return self._signature(delta.get("signature") or "")
         elif kind == "content_block_stop":
             return self._call_stop(index)
         elif kind == "message_delta":
@@ -2474,6 +2495,7 @@ class TurnTranslator:
                 out += self._text(block.get("text") or "", reasoning=False)
             elif block.get("type") == "thinking":
                 out += self._text(block.get("thinking") or "", reasoning=True)
+                out += self._signature(block.get("signature") or "")
             elif block.get("type") == "tool_use":
                 out += self._call_start(number, block)
                 out += self._call_arguments(number, json.dumps(block.get("input") or {}))
@@ -2525,6 +2547,12 @@ class TurnTranslator:
             self.ended_by = "stop_sequence"
         return self._content(new)
 
+    def _signature(self, signature: str) -> list:
+        if self.ended_by or self.thinking_muted or not signature or not self.reasoning:
+            return []  # a seal on thinking the client did not get all of would be false
+        self.signature = signature
+        return [ThinkingSignature(signature)]
+
     def _content(self, text: str) -> list:
         if not text:
             return []
@@ -2557,7 +2585,8 @@ class TurnTranslator:
     def _end(self, stop_reason: Optional[str], usage: Usage) -> TurnEnd:
         calls = tuple(ToolCall(call_id, name, "".join(pieces)) for call_id, name, pieces in self.calls)
         return TurnEnd(stop_reason, usage, "".join(self.content), "".join(self.reasoning), calls,
-                       stop_sequence=self.stop_found if stop_reason == "stop_sequence" else None)
+                       stop_sequence=self.stop_found if stop_reason == "stop_sequence" else None,
+                       signature=self.signature)
 
 
 def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict, now: float,
@@ -2717,8 +2746,11 @@ def iso_time(seconds: float) -> str:
 
 # ── 7. The OpenAI response: events → chat.completion(.chunk) / response dicts (pure)
 # Both APIs' answers share one interface, so the server writes either the same
-# way: start() and feed(event) give a stream's frames, sse(frame) encodes one,
-# fail(err) ends a begun stream, and whole(end) is the non-streaming body.
+# way: start(begun) and feed(event) give a stream's frames (`begun` is the
+# turn's TurnStart, or None if the stream opens before Claude's message began),
+# sse(frame) encodes one, fail(err) ends a begun stream, and whole(end) is the
+# non-streaming body. TurnStart and ThinkingSignature mean something to the
+# Messages API alone.
 
 # One encoder for every frame: json.dumps with an option builds a new one per call.
 ENCODE_JSON = json.JSONEncoder(ensure_ascii=False).encode
@@ -2761,7 +2793,7 @@ class Reply:
     stream_end = b"data: [DONE]\n\n"
     keepalive = b": keep-alive\n\n"
 
-    def start(self) -> List[dict]:
+    def start(self, begun: Optional[TurnStart] = None) -> List[dict]:
         return [self.chunk({"role": "assistant", "content": ""})]
 
     def feed(self, event) -> List[dict]:
@@ -2769,7 +2801,9 @@ class Reply:
             return [self.delta_chunk(event)]
         if isinstance(event, ToolCallDelta):
             return [self.tool_call_chunk(event)]
-        return [self.finish_chunk(event), *([self.usage_chunk(event.usage)] if self.include_usage else [])]
+        if isinstance(event, TurnEnd):
+            return [self.finish_chunk(event), *([self.usage_chunk(event.usage)] if self.include_usage else [])]
+        return []
 
     def fail(self, err: ApiError) -> List[dict]:
         return [err.body()]
@@ -2850,8 +2884,8 @@ def _item_id(prefix: str) -> str:
 
 
 class ResponseBuilder:
-    """One Responses API response: feed() takes TextDelta, ToolCallDelta and
-    TurnEnd, and returns the stream events they make; `response` is the object
+    """One Responses API response: feed() takes the turn's events and returns
+    the stream events they make; `response` is the object
     as it stands. `echo` holds the request's settings that the object repeats.
     """
 
@@ -2881,7 +2915,7 @@ class ResponseBuilder:
     def _snapshot(self) -> dict:
         return json.loads(json.dumps(self.response))
 
-    def start(self) -> List[dict]:
+    def start(self, begun: Optional[TurnStart] = None) -> List[dict]:
         return [self._event("response.created", response=self._snapshot()),
                 self._event("response.in_progress", response=self._snapshot())]
 
@@ -2897,7 +2931,9 @@ class ResponseBuilder:
             self.open["arguments"] += event.arguments
             return [self._event("response.function_call_arguments.delta", item_id=self.open["id"],
                                 output_index=len(self.output) - 1, delta=event.arguments)]
-        return self._end(event)
+        if isinstance(event, TurnEnd):
+            return self._end(event)
+        return []
 
     def whole(self, end: TurnEnd) -> dict:
         """The response, from a finished turn (no stream: a retried attempt left no trace)."""
@@ -3000,9 +3036,9 @@ def messages_usage(usage: Usage) -> dict:
 
 
 class MessageBuilder:
-    """One Messages API answer: feed() takes TextDelta, ToolCallDelta and TurnEnd and returns
-    Anthropic's stream events; whole() is the message object. Thinking is shown only to a
-    client that asked for it, as at Anthropic."""
+    """One Messages API answer: feed() takes the turn's events and returns Anthropic's stream
+    events; whole() is the message object. Thinking is shown only to a client that asked
+    for it, as at Anthropic."""
 
     def __init__(self, model: str, shows_thinking: bool = False):
         self.model = model
@@ -3019,9 +3055,10 @@ class MessageBuilder:
     def sse(frame: dict) -> bytes:
         return b"event: " + frame["type"].encode() + b"\ndata: " + json_bytes(frame) + b"\n\n"
 
-    def start(self) -> List[dict]:
-        # The usage is the turn's: it is known at its end, in message_delta.
-        return [{"type": "message_start", "message": dict(self._message([], None), usage=messages_usage(Usage()))}]
+    def start(self, begun: Optional[TurnStart] = None) -> List[dict]:
+        # Claude's input so far, as at Anthropic; the turn's whole usage comes in message_delta.
+        usage = begun.usage if begun else Usage()
+        return [{"type": "message_start", "message": dict(self._message([], None), usage=messages_usage(usage))}]
 
     def feed(self, event) -> List[dict]:
         if isinstance(event, TextDelta):
@@ -3031,6 +3068,9 @@ class MessageBuilder:
             opened = self._open(kind, {"type": "thinking", "thinking": "", "signature": ""} if event.reasoning
                                 else {"type": "text", "text": ""})
             return [*opened, self._delta({"type": f"{kind}_delta", kind: event.text})]
+        if isinstance(event, ThinkingSignature):
+            return [self._delta({"type": "signature_delta", "signature": event.signature})] \
+                if self.open == "thinking" else []
         if isinstance(event, ToolCallDelta):
             frames = []
             if event.id is not None:
@@ -3040,9 +3080,11 @@ class MessageBuilder:
                 frames.append({"type": "content_block_delta", "index": self.call_blocks[event.index],
                                "delta": {"type": "input_json_delta", "partial_json": event.arguments}})
             return frames
-        return [*self._close(), {"type": "message_delta", "delta": self._ending(event),
-                                 "usage": messages_usage(event.usage)},
-                {"type": "message_stop"}]
+        if isinstance(event, TurnEnd):
+            return [*self._close(), {"type": "message_delta", "delta": self._ending(event),
+                                     "usage": messages_usage(event.usage)},
+                    {"type": "message_stop"}]
+        return []
 
     def fail(self, err: ApiError) -> List[dict]:
         return [err.anthropic_body()]
@@ -3050,7 +3092,7 @@ class MessageBuilder:
     def whole(self, end: TurnEnd) -> dict:
         content = []
         if end.reasoning and self.shows_thinking:
-            content.append({"type": "thinking", "thinking": end.reasoning, "signature": ""})
+            content.append({"type": "thinking", "thinking": end.reasoning, "signature": end.signature})
         if end.text:
             content.append({"type": "text", "text": end.text})
         content += [{"type": "tool_use", "id": call.id, "name": call.name, "input": call_input(call)}
@@ -3810,6 +3852,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log_usage: Optional[Usage] = None
         self.log_served = "-"  # how a turn got its CLI: cold, warm or continued
         self.first_token: Optional[float] = None  # seconds from the start to a stream's first delta
+        self.turn_start: Optional[TurnStart] = None  # once Claude's message has begun
         self.status = 0
         given_id = self.headers.get("x-request-id", "") if self.headers is not None else ""
         self.request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
@@ -4035,6 +4078,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self.unsent.append(self.reply.keepalive)
                     self.send_unsent()
                     continue
+                if isinstance(event, TurnStart):  # the stream opens with Claude's first words, not before
+                    self.turn_start = event
+                    continue
                 self.begin_stream()
                 if self.first_token is None and not isinstance(event, TurnEnd):
                     self.first_token = time.monotonic() - self.started
@@ -4134,7 +4180,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_head(200, [("Content-Type", "text/event-stream; charset=utf-8"),
                                  ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
                                  ("X-Accel-Buffering", "no")])
-            self.unsent += map(self.reply.sse, self.reply.start())
+            self.unsent += map(self.reply.sse, self.reply.start(self.turn_start))
 
     def send_unsent(self):
         """Send the frames made so far in one chunk: a burst of deltas costs one write, not one each."""

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 import claude_max_proxy as cmp
-from claude_max_proxy import ApiError, ClaudeProcess, Config, TextDelta, Turn, TurnEnd, TurnTranslator, Usage
+from claude_max_proxy import (ApiError, ClaudeProcess, Config, TextDelta, ThinkingSignature, Turn, TurnEnd,
+                              TurnStart, TurnTranslator, Usage)
 
 HERE = Path(__file__).resolve().parent
 REAL_CLI = HERE / ".cache" / "claude" / "node_modules" / ".bin" / "claude"
@@ -1555,16 +1556,34 @@ def test_text_deltas_and_the_end_of_a_turn():
                                                       "cache_read_input_tokens": 100,
                                                       "cache_creation_input_tokens": 20,
                                                       "output_tokens_details": {"thinking_tokens": 1}})])
-    assert out == [TextDelta("Hello "), TextDelta("world"),
+    assert out == [TurnStart(Usage(input_tokens=10, output_tokens=1)), TextDelta("Hello "), TextDelta("world"),
                    TurnEnd("end_turn", Usage(input_tokens=3, output_tokens=2, cache_read_tokens=100,
                                              cache_write_tokens=20, reasoning_tokens=1), "Hello world")]
 
 
-def test_thinking_becomes_reasoning_deltas():
-    thinking = stream_event({"type": "content_block_delta", "index": 0,
-                             "delta": {"type": "thinking_delta", "thinking": "Let me think. "}})
-    _, out = translate([message_start(), thinking, text_delta("Answer."), success("Answer.")])
-    assert out[:2] == [TextDelta("Let me think. ", reasoning=True), TextDelta("Answer.")]
+def thinking_delta(text):
+    return stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "thinking_delta", "thinking": text}})
+
+
+def signature_delta(signature):
+    return stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "signature_delta", "signature": signature}})
+
+
+def test_thinking_becomes_reasoning_deltas_and_keeps_its_signature():
+    _, out = translate([message_start(), thinking_delta("Let me think. "), signature_delta("c2ln"),
+                        text_delta("Answer."), success("Answer.")])
+    assert out[1:4] == [TextDelta("Let me think. ", reasoning=True), ThinkingSignature("c2ln"), TextDelta("Answer.")]
+    assert (out[-1].reasoning, out[-1].signature) == ("Let me think. ", "c2ln")
+
+
+def test_thinking_cut_short_is_not_signed():
+    # The seal is for the whole thinking: on a part of it, it would be false.
+    _, out = translate([message_start(), thinking_delta("Let me think"), ABANDONED, message_start(),
+                        thinking_delta("Hmm, so"), signature_delta("c2ln"), text_delta("Paris"), success()])
+    assert not any(isinstance(o, ThinkingSignature) for o in out)
+    assert out[-1].signature == ""
 
 
 def test_synthetic_error_text_is_never_forwarded():
@@ -1597,12 +1616,9 @@ def test_a_retry_that_writes_something_else_fails_a_live_stream():
 
 
 def test_thinking_that_a_retry_rewrites_is_cut_short_not_fatal():
-    def thinking(text):
-        return stream_event({"type": "content_block_delta", "index": 0,
-                             "delta": {"type": "thinking_delta", "thinking": text}})
-    _, out = translate([message_start(), thinking("Let me think"), ABANDONED, message_start(),
-                        thinking("Hmm, so"), text_delta("Paris"), success()])
-    assert out == [TextDelta("Let me think", reasoning=True), TextDelta("Paris"),
+    _, out = translate([message_start(), thinking_delta("Let me think"), ABANDONED, message_start(),
+                        thinking_delta("Hmm, so"), text_delta("Paris"), success()])
+    assert out[1:] == [TextDelta("Let me think", reasoning=True), TextDelta("Paris"),
                    TurnEnd("end_turn", Usage(input_tokens=10, output_tokens=5), "Paris", "Let me think")]
 
 
@@ -1640,7 +1656,7 @@ def test_after_a_stop_sequence_nothing_more_is_sent_and_usage_comes_from_the_str
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
     translator, out = translate([message_start(input_tokens=42), text_delta("a."), text_delta("b"),
                                  interrupted], stop=["."])
-    assert out == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a",
+    assert out[1:] == [TextDelta("a"), TurnEnd("stop_sequence", Usage(input_tokens=42, output_tokens=1), "a",
                                            stop_sequence=".")]
 
 
@@ -1675,7 +1691,7 @@ TWO_CALLS = [message_start(), text_delta("Checking."), block_stop(0),
 
 def test_tool_calls_stream_as_fragments_and_end_the_turn():
     translator, out = translate(TWO_CALLS, tools=NAMES)
-    assert out == [TextDelta("Checking."),
+    assert out[1:] == [TextDelta("Checking."),
                    cmp.ToolCallDelta(0, "", id="toolu_1", name="get_weather"), cmp.ToolCallDelta(0, '{"ci'),
                    cmp.ToolCallDelta(0, 'ty": "Z\\u00'), cmp.ToolCallDelta(0, 'fcrich"}'),
                    cmp.ToolCallDelta(1, "", id="toolu_2", name="get_time"), cmp.ToolCallDelta(1, "{}")]
@@ -1728,13 +1744,13 @@ def test_calls_to_tools_the_client_does_not_have_are_left_to_the_cli():
     translator, out = translate([message_start(), tool_use_start(0, "toolu_1", "rm_rf"), arguments(0, "{}"),
                                  block_stop(0), tool_use_stop(), message_start(), text_delta("Sorry."),
                                  success("Sorry.")], tools=NAMES)
-    assert out == [TextDelta("Sorry."), TurnEnd("end_turn", Usage(10, 5), "Sorry.")]
+    assert out[1:] == [TextDelta("Sorry."), TurnEnd("end_turn", Usage(10, 5), "Sorry.")]
 
 
 def test_text_held_for_a_stop_sequence_is_sent_before_a_call():
     _, out = translate([message_start(), text_delta("Checking the E"), tool_use_start(1, "toolu_1", "f"),
                         arguments(1, "{}"), block_stop(1), tool_use_stop(), REFUSED], tools=NAMES, stop=["END"])
-    assert out[:2] == [TextDelta("Checking the "), TextDelta("E")]
+    assert out[1:3] == [TextDelta("Checking the "), TextDelta("E")]
     assert out[-1].text == "Checking the E"
 
 
@@ -1746,7 +1762,7 @@ def test_structured_output_is_the_checked_json_not_the_talk_around_it():
     lines[-1]["structured_output"] = {"name": "Alice"}
     translator, out = translate(lines, structured=True)
     assert translator.ended_by is None  # the CLI checks the output against the schema itself
-    assert out == [TextDelta('{"name":"Alice"}'),
+    assert out[1:] == [TextDelta('{"name":"Alice"}'),
                    TurnEnd("end_turn", Usage(input_tokens=10, output_tokens=5), '{"name":"Alice"}')]
 
 
@@ -4870,32 +4886,37 @@ def test_messages_request_errors(change, message):
 def test_message_builder_streams_anthropics_events_in_order():
     builder = cmp.MessageBuilder("claude-sonnet-4", shows_thinking=True)
     end = TurnEnd("tool_use", Usage(10, 5, 2, 1), "Hi there", "Hm.",
-                  (cmp.ToolCall("toolu_1", "get_weather", '{"city": "Oslo"}'),))
-    frames = builder.start()
-    for event in (TextDelta("Hm.", reasoning=True), TextDelta("Hi"), TextDelta(" there"),
+                  (cmp.ToolCall("toolu_1", "get_weather", '{"city": "Oslo"}'),), signature="c2ln")
+    frames = builder.start(TurnStart(Usage(10, 1, 2, 1)))
+    for event in (TextDelta("Hm.", reasoning=True), ThinkingSignature("c2ln"), TextDelta("Hi"), TextDelta(" there"),
                   cmp.ToolCallDelta(0, '{"city": ', id="toolu_1", name="get_weather"),
                   cmp.ToolCallDelta(0, '"Oslo"}'), end):
         frames += builder.feed(event)
     assert [(f["type"], f.get("index")) for f in frames] == [
-        ("message_start", None), ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
-        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_delta", 1),
-        ("content_block_stop", 1), ("content_block_start", 2), ("content_block_delta", 2),
-        ("content_block_delta", 2), ("content_block_stop", 2), ("message_delta", None), ("message_stop", None)]
-    assert frames[8]["content_block"] == {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
-    assert frames[10]["delta"] == {"type": "input_json_delta", "partial_json": '"Oslo"}'}
+        ("message_start", None), ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+        ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+        ("content_block_delta", 1), ("content_block_stop", 1), ("content_block_start", 2),
+        ("content_block_delta", 2), ("content_block_delta", 2), ("content_block_stop", 2), ("message_delta", None),
+        ("message_stop", None)]
+    assert frames[0]["message"]["usage"] == {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 2,
+                                             "cache_creation_input_tokens": 1}
+    assert frames[3]["delta"] == {"type": "signature_delta", "signature": "c2ln"}
+    assert frames[9]["content_block"] == {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    assert frames[11]["delta"] == {"type": "input_json_delta", "partial_json": '"Oslo"}'}
     assert frames[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
     assert frames[-2]["usage"] == {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 2,
                                    "cache_creation_input_tokens": 1}
     assert builder.sse(frames[-1]) == b'event: message_stop\ndata: {"type": "message_stop"}\n\n'
     whole = builder.whole(end)
-    assert whole["content"] == [{"type": "thinking", "thinking": "Hm.", "signature": ""},
+    assert whole["content"] == [{"type": "thinking", "thinking": "Hm.", "signature": "c2ln"},
                                 {"type": "text", "text": "Hi there"},
                                 {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]
 
 
 def test_message_builder_hides_thinking_nobody_asked_for():
     builder = cmp.MessageBuilder("sonnet")
-    frames = builder.feed(TextDelta("Hm.", reasoning=True)) + builder.feed(TextDelta("Hi"))
+    frames = [frame for event in (TextDelta("Hm.", reasoning=True), ThinkingSignature("c2ln"), TextDelta("Hi"))
+              for frame in builder.feed(event)]
     assert [f["type"] for f in frames] == ["content_block_start", "content_block_delta"]
     assert frames[0] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     assert builder.whole(TurnEnd("end_turn", Usage(), "Hi", "Hm."))["content"] == [{"type": "text", "text": "Hi"}]
@@ -4932,8 +4953,10 @@ def test_real_messages_api_answers_streams_and_fails_in_anthropics_shapes(start_
     names = [name for name, _ in events]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
-    assert deltas[0] == {"type": "thinking_delta", "thinking": "Hmm."}
+    assert deltas[:2] == [{"type": "thinking_delta", "thinking": "Hmm."},
+                          {"type": "signature_delta", "signature": "c2ln"}]
     assert "".join(d.get("text", "") for d in deltas) == "Hello"
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 10  # Claude's input, as its message began
     assert events[-2][1]["usage"]["input_tokens"] == 10
     refused = client.call("POST", "/v1/messages", body, headers={"x-api-key": "wrong"})
     assert refused.status == 401 and refused.json()["error"]["type"] == "authentication_error"
@@ -4948,7 +4971,8 @@ def test_real_messages_tool_round_trip_goes_on_in_the_same_cli(real_client, upst
     caplog.set_level("INFO", logger="claude-max-proxy")
     upstream.script = [tool_use(("toolu_01Ms", "get_weather", {"city": "Oslo"}))]
     upstream.default = answer("Sunny in Oslo.")
-    body = {"model": "claude-sonnet-4", "max_tokens": 100, "tools": [WEATHER_TOOL],
+    # (Sonnet 4.5 is one of the models after whose tool results the CLI would note the tokens left.)
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "tools": [WEATHER_TOOL],
             "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
     _, events = real_client.named_events("/v1/messages", body)
     starts = [data["content_block"] for name, data in events if name == "content_block_start"]

@@ -4988,3 +4988,26 @@ def test_real_messages_tool_round_trip_goes_on_in_the_same_cli(real_client, upst
     turns = [m for m in upstream.last["messages"] if m["role"] != "system"]
     assert [without_cache_marks(block) for block in turns[2]["content"]] == [
         {"type": "tool_result", "tool_use_id": "toolu_01Ms", "content": texts("sunny")}]
+
+
+def test_real_messages_errors_are_anthropics_before_and_after_the_stream_began(start_real_proxy, upstream):
+    client = start_real_proxy(max_retries=0)
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+    upstream.script = [fail(529, "overloaded_error", "Overloaded")]
+    overloaded = client.call("POST", "/v1/messages", body)
+    assert overloaded.status == 503 and overloaded.json()["error"]["type"] == "overloaded_error"
+    assert "retry-after" in overloaded.headers
+    upstream.script = [drop(["Partial "])]
+    upstream.default = answer("Something else")  # Claude's retry writes another answer
+    conn, reply = client.post_streaming("/v1/messages", body)
+    seen = b""
+    while b"Partial " not in seen:
+        seen += reply.readline()
+    upstream.release.set()
+    rest = reply.read().decode()
+    conn.close()
+    assert reply.status == 200 and "message_stop" not in rest
+    assert rest.endswith("\n\n") and rest.rstrip().splitlines()[-2:] == [
+        "event: error", 'data: {"type": "error", "error": {"type": "api_error", "message": "The upstream stream '
+        "broke off and Claude's retry wrote a different answer, so what was already sent is incomplete; retry the "
+        'request."}}']

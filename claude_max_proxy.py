@@ -233,6 +233,7 @@ def is_loopback(host: str) -> bool:
 ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 402: "billing_error", 403: "permission_error",
                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                          503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+ANTHROPIC_ERROR_CODES = {"claude_not_logged_in": "authentication_error"}  # where the status says less
 
 
 class ApiError(Exception):
@@ -258,7 +259,8 @@ class ApiError(Exception):
 
     def anthropic_body(self) -> dict:
         """The error as the Messages API gives it: Anthropic's type for the status, and the message."""
-        kind = ANTHROPIC_ERROR_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        kind = ANTHROPIC_ERROR_CODES.get(self.code or "") or ANTHROPIC_ERROR_TYPES.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
@@ -774,9 +776,10 @@ class OpenToolCalls:
     characters, so such a call gets a safe, unique id of its own.
     """
 
-    def __init__(self):
+    def __init__(self, id_field: str = "tool_call_id", result: str = "tool message"):
         self.waiting: Dict[str, Tuple[str, str]] = {}  # the client's id → (Claude's id, where the call is)
         self.used: set = set()
+        self.id_field, self.result = id_field, result  # the API's words, for its errors
 
     def add(self, given: str, where: str) -> str:
         if given in self.waiting:
@@ -792,9 +795,9 @@ class OpenToolCalls:
 
     def answer(self, given: str, where: str) -> str:
         if given not in self.waiting:
-            raise ApiError(400, f"{where} answers tool_call_id '{given}', which no tool call of the "
-                                "assistant message before it has (or another tool message answered).",
-                           param=f"{where}.tool_call_id")
+            raise ApiError(400, f"{where} answers {self.id_field} '{given}', which no tool call of the "
+                                f"assistant message before it has (or another {self.result} answered).",
+                           param=f"{where}.{self.id_field}")
         return self.waiting.pop(given)[0]
 
     def answer_function_call(self, where: str) -> str:
@@ -807,7 +810,7 @@ class OpenToolCalls:
     def check_answered(self, before: str):
         if self.waiting:
             given, (_, where) = next(iter(self.waiting.items()))
-            raise ApiError(400, f"{where} (id '{given}') has no tool message answering it before {before}.",
+            raise ApiError(400, f"{where} (id '{given}') has no {self.result} answering it before {before}.",
                            param=where)
 
 
@@ -1040,25 +1043,39 @@ def parse_messages_request(body: object) -> MessagesRequest:
             raise ApiError(400, f"'{name}' must be between 0 and {top}, got {value}.", param=name)
     _optional(body, "top_k", (int,), None)
     _optional(body, "metadata", (dict,), None)
-    thinking = _thinking(body)
+    thinking = _optional(body, "thinking", (dict,), {})
+    kind = _thinking_kind(thinking, max_tokens)
     history, prompt = _messages_turns(body.get("messages"))
     tools, instruction, one_tool_call = _messages_tools(body)
+    choice = (body.get("tool_choice") or {}).get("type")
+    if kind in ("enabled", "adaptive") and choice in ("any", "tool"):
+        raise ApiError(400, "Thinking may not be enabled when 'tool_choice' forces tool use.", param="tool_choice")
+    output_config = _optional(body, "output_config", (dict,), {})
+    output_schema = _messages_output_schema(body, output_config)
+    if output_schema is not None and any(tool.name == STRUCTURED_OUTPUT_TOOL for tool in tools):
+        raise ApiError(400, f"A tool named {STRUCTURED_OUTPUT_TOOL} cannot be used with 'output_config.format': "
+                            "Claude Code answers a format through its own tool of that name.", param="tools")
+    effort = _optional(output_config, "effort", (str,), None, param="output_config.effort")
+    if effort is not None and effort not in EFFORTS.values():
+        raise ApiError(400, f"'output_config.effort' must be one of {', '.join(sorted(set(EFFORTS.values())))}; "
+                            f"got '{effort}'.", param="output_config.effort")
     system = "\n\n".join(part for part in (_system_text(body.get("system")), instruction) if part)
-    launch = LaunchSettings(model=resolve_model(model), max_tokens=max_tokens, thinking=thinking != "disabled")
+    launch = LaunchSettings(model=resolve_model(model), effort=effort, max_tokens=max_tokens,
+                            thinking=kind != "disabled")
     try:
         stops = _stop_sequences(body.get("stop_sequences"))
     except ApiError as err:
         raise renamed(err, {"stop": "stop_sequences"}) from None
-    chat = ChatRequest(model=model, launch=launch, session=SessionSettings(system_prompt=system, tools=tools),
-                       history=history, prompt=prompt, stream=_optional(body, "stream", (bool,), False),
-                       stop=stops, one_tool_call=one_tool_call)
-    return MessagesRequest(chat, shows_thinking=thinking in ("enabled", "adaptive"))
+    session = SessionSettings(system_prompt=system, tools=tools, output_schema=output_schema)
+    chat = ChatRequest(model=model, launch=launch, session=session, history=history, prompt=prompt,
+                       stream=_optional(body, "stream", (bool,), False), stop=stops, one_tool_call=one_tool_call)
+    shown = kind in ("enabled", "adaptive") and thinking.get("display") != "omitted"
+    return MessagesRequest(chat, shows_thinking=shown)
 
 
-def _thinking(body: dict) -> str:
+def _thinking_kind(thinking: dict, max_tokens: int) -> str:
     """"enabled", "adaptive", "disabled", or "" when the client did not say."""
-    thinking = _optional(body, "thinking", (dict,), None)
-    if thinking is None:
+    if not thinking:
         return ""
     kind = thinking.get("type")
     if kind not in ("enabled", "adaptive", "disabled"):
@@ -1067,7 +1084,21 @@ def _thinking(body: dict) -> str:
         budget = _optional(thinking, "budget_tokens", (int,), None, param="thinking.budget_tokens")
         if budget is None or budget < 1024:
             raise ApiError(400, "'thinking.budget_tokens' must be at least 1024.", param="thinking.budget_tokens")
+        if budget >= max_tokens:
+            raise ApiError(400, "'max_tokens' must be greater than 'thinking.budget_tokens'.", param="max_tokens")
     return kind
+
+
+def _messages_output_schema(body: dict, output_config: dict) -> Optional[dict]:
+    """The schema of output_config.format (or the older output_format), if the client gave one."""
+    for param, spec in (("output_config.format", output_config.get("format")),
+                        ("output_format", body.get("output_format"))):
+        if spec is None:
+            continue
+        if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}.", param=param)
+        return _object_schema(spec["schema"], f"{param}.schema")
+    return None
 
 
 def _system_text(system: object) -> str:
@@ -1090,7 +1121,7 @@ def _messages_turns(messages: object) -> Tuple[Tuple[Turn, ...], Turn]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
     turns: List[Turn] = []
-    calls = OpenToolCalls()
+    calls = OpenToolCalls(id_field="tool_use_id", result="tool_result")
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         role = message.get("role") if isinstance(message, dict) else None
@@ -1167,8 +1198,12 @@ def _tool_result(block: dict, where: str, calls: OpenToolCalls) -> dict:
     parts = []
     for i, part in enumerate(content or []):
         here = f"{where}.content[{i}]"
-        if isinstance(part, dict) and part.get("type") == "image":
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
             parts.append(_source_image(part.get("source"), here))
+        elif kind not in ("text", None):
+            raise ApiError(400, f"{here} has type '{str(kind)[:40]}'; a tool_result takes text and image "
+                                "blocks through Claude Code.", param=here)
         elif _text_of(part, here):
             parts.append({"type": "text", "text": part["text"]})
     if parts:
@@ -1186,8 +1221,9 @@ def _messages_tools(body: dict) -> Tuple[Tuple[FunctionTool, ...], str, bool]:
         where = f"tools[{i}]"
         kind = spec.get("type", "custom") if isinstance(spec, dict) else None
         if kind != "custom":
-            raise ApiError(400, f"{where} has type '{kind}': Claude Code runs no server tools for the client; "
-                                "give tools with a 'name' and an 'input_schema'.", param=where)
+            raise ApiError(400, f"{where} has type '{kind}', one of Anthropic's own tools, whose definition Claude "
+                                "Code cannot pass on: give it as a tool with a 'name' and an 'input_schema'.",
+                           param=where)
         try:
             tools.append(_function_tool({"name": spec.get("name"), "description": spec.get("description"),
                                          "parameters": spec.get("input_schema")}, where))
@@ -2608,7 +2644,8 @@ def error_from_result(result: dict, error_kind: Optional[str], rate_limit: dict,
         return ApiError(403, str(message), code="permission_denied")
     if error_kind == "authentication_failed" or status == 401 or "not logged in" in lowered:
         return ApiError(503, f"Claude Code is not logged in or its login was rejected "
-                                   f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in")
+                             f"({message}): {LOGIN_HINT}.", code="claude_not_logged_in",
+                        headers=[("x-should-retry", "false")])  # the SDKs would retry a 503 in vain
     if EXTRA_USAGE_MESSAGE in lowered:
         return ApiError(402, f"Anthropic bills this request to your account's extra usage, not your plan: "
                              f"{message} See 'Extra usage' in the README.", code="extra_usage_required")
@@ -3165,7 +3202,7 @@ ROUTES = {"/": ("GET",), "/health": ("GET",), "/metrics": ("GET",), "/v1/status"
           "/v1/messages": ("POST",), "/v1/messages/count_tokens": ("POST",)}
 METHODS = (*dict.fromkeys(method for methods in ROUTES.values() for method in methods), "OPTIONS")
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages")  # their answers carry the usage windows
-MESSAGES_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")  # their errors are in Anthropic's envelope
+MESSAGES_ROOTS = ("/v1/messages", "/messages")  # the Messages API's paths, and any under them
 STORED_RESPONSES = 1000            # responses kept for previous_response_id, at most
 STORED_BYTES = 256 * 1024 * 1024   # of request bodies, at most
 STORED_SECONDS = 3600              # for this long each
@@ -3450,6 +3487,12 @@ class ResponseStore:
         """Drop the oldest responses while they are too old or `too_many()`."""
         while self._items and (too_many() or self.clock() - next(iter(self._items.values()))[0] > self.seconds):
             self._bytes -= self._items.popitem(last=False)[1][3]
+
+
+def is_messages_path(path: str) -> bool:
+    """Whether an Anthropic client sent this: its answer, an error too, is in Anthropic's shapes."""
+    path = path.rstrip("/")
+    return any(path == root or path.startswith(root + "/") for root in MESSAGES_ROOTS)
 
 
 def match_route(path: str) -> Tuple[Optional[str], str]:
@@ -4104,6 +4147,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
+        if is_messages_path(self.route_path):
+            headers.append(("request-id", self.request_id))  # where Anthropic's SDKs read it
         if self.endpoint in COMPLETION_ROUTES and self.key_given():
             headers += usage_headers(self.server.windows.latest(), time.time())
         origin = self.headers.get("Origin") if self.headers is not None else None  # None: bad request line
@@ -4156,7 +4201,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         if not self.body_read and self.declared_length:  # (check_head refused any other framing)
             self.close_connection = True  # its unread body must not be taken for the next request
-        body = err.anthropic_body() if self.endpoint in MESSAGES_ROUTES else err.body()
+        body = err.anthropic_body() if is_messages_path(self.route_path) else err.body()
         try:
             self.send_json(err.status, body, err.headers)
         except ClientGone:

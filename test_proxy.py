@@ -4285,6 +4285,10 @@ def test_real_not_logged_in_is_503_saying_how_to_log_in(real_client, upstream, m
     monkeypatch.delenv("CLAUDE_CODE_OAUTH_TOKEN")
     reply = real_client.chat()
     assert reply.status == 503 and "log in" in reply.error["message"]
+    assert reply.headers["x-should-retry"] == "false"  # the SDKs would otherwise retry it, in vain
+    message = real_client.call("POST", "/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 10,
+                                                        "messages": [USER]})
+    assert message.status == 503 and message.json()["error"]["type"] == "authentication_error"
     assert upstream.posts == []
 
 
@@ -4828,7 +4832,7 @@ WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city",
 
 def test_messages_request_keeps_claudes_blocks_and_drops_the_clients_thinking():
     request = cmp.parse_messages_request({
-        "model": "claude-sonnet-4", "max_tokens": 300, "system": [{"type": "text", "text": "Be terse."}],
+        "model": "claude-sonnet-4", "max_tokens": 4096, "system": [{"type": "text", "text": "Be terse."}],
         "stop_sequences": ["END"], "thinking": {"type": "enabled", "budget_tokens": 2048},
         "tools": [WEATHER_TOOL], "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
         "messages": [
@@ -4841,7 +4845,7 @@ def test_messages_request_keeps_claudes_blocks_and_drops_the_clients_thinking():
                                           "content": [{"type": "text", "text": "no network"}]}]}]})
     chat = request.chat
     assert request.shows_thinking and chat.one_tool_call and chat.stop == ("END",)
-    assert chat.launch == cmp.LaunchSettings("sonnet", max_tokens=300)
+    assert chat.launch == cmp.LaunchSettings("sonnet", max_tokens=4096)
     assert chat.session.system_prompt == "Be terse." and [t.name for t in chat.session.tools] == ["get_weather"]
     assert chat.history[1].content == [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                         "input": {"city": "Oslo"}}]
@@ -4858,13 +4862,29 @@ def test_messages_tool_choice_and_disabled_thinking():
     assert cmp.parse_messages_request(dict(base, tool_choice={"type": "none"})).chat.session.tools == ()
     quiet = cmp.parse_messages_request(dict(base, thinking={"type": "disabled"}))
     assert not quiet.shows_thinking and quiet.chat.launch.thinking is False
+    # Left out, thinking is the model's default (adaptive on Claude's current models), and not shown.
+    default = cmp.parse_messages_request(base)
+    assert not default.shows_thinking and default.chat.launch.thinking is True
+    omitted = cmp.parse_messages_request(dict(base, thinking={"type": "adaptive", "display": "omitted"}))
+    assert not omitted.shows_thinking and omitted.chat.launch.thinking is True
+
+
+def test_messages_output_config_is_structured_output_and_effort():
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    base = {"model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "A film?"}]}
+    chat = cmp.parse_messages_request(dict(base, output_config={
+        "effort": "low", "format": {"type": "json_schema", "schema": schema}})).chat
+    assert chat.session.output_schema == schema and chat.launch.effort == "low"
+    older = cmp.parse_messages_request(dict(base, output_format={"type": "json_schema", "schema": schema})).chat
+    assert older.session.output_schema == schema and older.launch.effort is None
 
 
 @pytest.mark.parametrize("change, message", [
     ({"max_tokens": None}, "'max_tokens' is required"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure:"}]},
      "cannot go on with a prefilled assistant turn"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "runs no server tools"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "one of Anthropic's own tools"),
+    ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "give it as a tool with a 'name' and an 'input_schema'"),
     ({"tools": [dict(WEATHER_TOOL, input_schema={"type": "string"})]}, "tools[0].input_schema must be"),
     ({"stop_sequences": [""]}, "'stop_sequences' must be"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
@@ -4872,8 +4892,20 @@ def test_messages_tool_choice_and_disabled_thinking():
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "has type 'document'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
         {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}, {"role": "user", "content": "b"}]},
-     "has no tool message answering it"),
+     "has no tool_result answering it"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9"}]}]},
+     "answers tool_use_id 't9', which no tool call"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "document", "source": {}}]}]}]},
+     "has type 'document'; a tool_result takes text and image blocks"),
     ({"thinking": {"type": "enabled", "budget_tokens": 10}}, "budget_tokens' must be at least 1024"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 1024},
+     "'max_tokens' must be greater than 'thinking.budget_tokens'"),
+    ({"thinking": {"type": "adaptive"}, "tools": [WEATHER_TOOL], "tool_choice": {"type": "any"}},
+     "Thinking may not be enabled when 'tool_choice' forces tool use"),
+    ({"output_config": {"format": {"type": "json_object"}}}, "'output_config.format' must be"),
+    ({"output_config": {"effort": "extreme"}}, "'output_config.effort' must be one of high, low, max, medium"),
 ])
 def test_messages_request_errors(change, message):
     body = {"model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **change}
@@ -4966,6 +4998,9 @@ def test_real_messages_api_answers_streams_and_fails_in_anthropics_shapes(start_
         "type": "invalid_request_error", "message": "'max_tokens' is required, and must be at least 1."}}
     counted = client.call("POST", "/v1/messages/count_tokens", body, headers=key)
     assert counted.status == 404 and "cannot count tokens" in counted.json()["error"]["message"]
+    assert counted.headers["request-id"] == counted.headers["x-request-id"]  # where Anthropic's SDKs look
+    batches = client.call("POST", "/v1/messages/batches", body, headers=key)  # a route we do not serve
+    assert batches.status == 404 and batches.json()["error"]["type"] == "not_found_error"
 
 
 def test_real_messages_tool_round_trip_goes_on_in_the_same_cli(real_client, upstream, caplog):
@@ -5012,3 +5047,23 @@ def test_real_messages_errors_are_anthropics_before_and_after_the_stream_began(s
         "event: error", 'data: {"type": "error", "error": {"type": "api_error", "message": "The upstream stream '
         "broke off and Claude's retry wrote a different answer, so what was already sent is incomplete; retry the "
         'request."}}']
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_messages_output_config_format_is_answered_in_json(real_client, upstream, stream):
+    # As LangChain's with_structured_output(method="json_schema") asks for it.
+    upstream.script = [tool_use(("toolu_s", "StructuredOutput", {"name": "Alice"}), text="Here it is.")]
+    schema = SCHEMA_FORMAT["json_schema"]["schema"]
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "messages": [{"role": "user", "content": "Who?"}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    if stream:
+        _, events = real_client.named_events("/v1/messages", body)
+        text = "".join(data["delta"].get("text", "") for name, data in events if name == "content_block_delta")
+        stop_reason = next(data for name, data in events if name == "message_delta")["delta"]["stop_reason"]
+    else:
+        message = real_client.call("POST", "/v1/messages", body).json()
+        assert [block["type"] for block in message["content"]] == ["text"]
+        text, stop_reason = message["content"][0]["text"], message["stop_reason"]
+    assert (json.loads(text), stop_reason) == ({"name": "Alice"}, "end_turn")
+    structured = [tool for tool in upstream.posts[0]["body"]["tools"] if not tool.get("defer_loading")]
+    assert [(t["name"], t["input_schema"]) for t in structured] == [("StructuredOutput", schema)]

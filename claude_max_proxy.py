@@ -424,11 +424,7 @@ def parse_chat_request(body: object) -> ChatRequest:
     if temperature is not None and not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}.", param="temperature")
     tools, tool_instruction, legacy = parse_tools(body)
-    output_schema = _output_schema(body)
-    if output_schema is not None and any(tool.name == STRUCTURED_OUTPUT_TOOL for tool in tools):
-        raise ApiError(400, f"A tool named {STRUCTURED_OUTPUT_TOOL} cannot be used with 'response_format': "
-                            "Claude Code answers a response_format through its own tool of that name.",
-                       param="tools")
+    output_schema = _structured_output(_output_schema(body), tools, "response_format")
     history, prompt = tuple(turns[:-1]), turns[-1]
     launch = LaunchSettings(model=cli_model, max_tokens=_max_tokens(body), **_effort(body))
     session = SessionSettings(system_prompt="\n\n".join(p for p in (system_prompt, tool_instruction) if p),
@@ -587,6 +583,14 @@ def _object_schema(schema: object, where: str) -> dict:
     if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
         raise ApiError(400, f"{where}.required must be an array of property names.", param=f"{where}.required")
     return {"type": "object", **schema}
+
+
+def _structured_output(schema: Optional[dict], tools: Sequence[FunctionTool], param: str) -> Optional[dict]:
+    """The schema the answer must follow, if no tool of the client's has the name Claude Code answers it with."""
+    if schema is not None and any(tool.name == STRUCTURED_OUTPUT_TOOL for tool in tools):
+        raise ApiError(400, f"A tool named {STRUCTURED_OUTPUT_TOOL} cannot be used with '{param}': Claude Code "
+                            "answers with a schema through its own tool of that name.", param="tools")
+    return schema
 
 
 def _output_schema(body: dict) -> Optional[dict]:
@@ -1050,15 +1054,7 @@ def parse_messages_request(body: object) -> MessagesRequest:
     choice = (body.get("tool_choice") or {}).get("type")
     if kind in ("enabled", "adaptive") and choice in ("any", "tool"):
         raise ApiError(400, "Thinking may not be enabled when 'tool_choice' forces tool use.", param="tool_choice")
-    output_config = _optional(body, "output_config", (dict,), {})
-    output_schema = _messages_output_schema(body, output_config)
-    if output_schema is not None and any(tool.name == STRUCTURED_OUTPUT_TOOL for tool in tools):
-        raise ApiError(400, f"A tool named {STRUCTURED_OUTPUT_TOOL} cannot be used with 'output_config.format': "
-                            "Claude Code answers a format through its own tool of that name.", param="tools")
-    effort = _optional(output_config, "effort", (str,), None, param="output_config.effort")
-    if effort is not None and effort not in EFFORTS.values():
-        raise ApiError(400, f"'output_config.effort' must be one of {', '.join(sorted(set(EFFORTS.values())))}; "
-                            f"got '{effort}'.", param="output_config.effort")
+    output_schema, effort = _messages_output(body, tools)
     system = "\n\n".join(part for part in (_system_text(body.get("system")), instruction) if part)
     launch = LaunchSettings(model=resolve_model(model), effort=effort, max_tokens=max_tokens,
                             thinking=kind != "disabled")
@@ -1089,16 +1085,21 @@ def _thinking_kind(thinking: dict, max_tokens: int) -> str:
     return kind
 
 
-def _messages_output_schema(body: dict, output_config: dict) -> Optional[dict]:
-    """The schema of output_config.format (or the older output_format), if the client gave one."""
+def _messages_output(body: dict, tools: Sequence[FunctionTool]) -> Tuple[Optional[dict], Optional[str]]:
+    """The schema of output_config.format (or the older output_format), and output_config.effort."""
+    output_config = _optional(body, "output_config", (dict,), {})
+    effort = _optional(output_config, "effort", (str,), None, param="output_config.effort")
+    if effort is not None and effort not in EFFORTS.values():
+        raise ApiError(400, f"'output_config.effort' must be one of {', '.join(sorted(set(EFFORTS.values())))}; "
+                            f"got '{effort}'.", param="output_config.effort")
     for param, spec in (("output_config.format", output_config.get("format")),
                         ("output_format", body.get("output_format"))):
         if spec is None:
             continue
         if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
             raise ApiError(400, f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}.", param=param)
-        return _object_schema(spec["schema"], f"{param}.schema")
-    return None
+        return _structured_output(_object_schema(spec["schema"], f"{param}.schema"), tools, param), effort
+    return None, effort
 
 
 def _system_text(system: object) -> str:

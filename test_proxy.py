@@ -4905,6 +4905,8 @@ def test_messages_output_config_is_structured_output_and_effort():
     ({"thinking": {"type": "adaptive"}, "tools": [WEATHER_TOOL], "tool_choice": {"type": "any"}},
      "Thinking may not be enabled when 'tool_choice' forces tool use"),
     ({"output_config": {"format": {"type": "json_object"}}}, "'output_config.format' must be"),
+    ({"output_format": {"type": "json_schema", "schema": {"type": "object"}}, "tools": [dict(
+        WEATHER_TOOL, name="StructuredOutput")]}, "A tool named StructuredOutput cannot be used with 'output_format'"),
     ({"output_config": {"effort": "extreme"}}, "'output_config.effort' must be one of high, low, max, medium"),
 ])
 def test_messages_request_errors(change, message):

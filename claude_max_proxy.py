@@ -1652,9 +1652,9 @@ class ClaudeProcess:
         and the request's prompt; or, when it holds Claude's calls, their
         `results` (by Claude's tool_use id). With `hold_calls`, a turn that
         ends in calls to the client's functions waits for their results in the
-        CLI. Yields TurnStart, TextDelta, ThinkingSignature and ToolCallDelta as they come, None whenever
-        the CLI has nothing more for now (and every POLL_SECONDS while it is
-        silent), and last TurnEnd. Raises ApiError, or ClientGone once
+        CLI. Yields TurnStart, TextDelta, ThinkingSignature and ToolCallDelta
+        as they come, None whenever the CLI has nothing more for now (and every
+        POLL_SECONDS while it is silent), and last TurnEnd. Raises ApiError, or ClientGone once
         client_gone() says the client left.
         """
         deadline = time.monotonic() + timeout
@@ -2923,8 +2923,8 @@ def _item_id(prefix: str) -> str:
 
 class ResponseBuilder:
     """One Responses API response: feed() takes the turn's events and returns
-    the stream events they make; `response` is the object
-    as it stands. `echo` holds the request's settings that the object repeats.
+    the stream events they make; `response` is the object as it stands.
+    `echo` holds the request's settings that the object repeats.
     """
 
     def __init__(self, echo: dict, namespaces: Mapping[str, str] = ()):
@@ -3804,6 +3804,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def serve_one_request(self):
         self.command, self.requestline, self.path, self.route_path, self.headers = "", "", "", "", None
         self.endpoint, self.endpoint_item = None, ""  # the path's ROUTES entry and its {id}, once read
+        self.messages_api = False  # the path is the Messages API's, or under it: Anthropic's shapes
         self.request_version, self.declared_length = self.protocol_version, None
         try:
             if not self.read_head():
@@ -3854,6 +3855,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.route_path = urlsplit(self.path).path
             self.endpoint, self.endpoint_item = match_route(self.route_path)
+            self.messages_api = is_messages_path(self.route_path)
         except ValueError as exc:
             raise ApiError(400, f"Invalid request target: {exc}.", code="invalid_request_target") from None
         if len(self.headers.get_all("Host") or ()) > 1:
@@ -4148,7 +4150,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # ── writing ──
     def base_headers(self) -> List[Tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
-        if is_messages_path(self.route_path):
+        if self.messages_api:
             headers.append(("request-id", self.request_id))  # where Anthropic's SDKs read it
         if self.endpoint in COMPLETION_ROUTES and self.key_given():
             headers += usage_headers(self.server.windows.latest(), time.time())
@@ -4202,7 +4204,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         if not self.body_read and self.declared_length:  # (check_head refused any other framing)
             self.close_connection = True  # its unread body must not be taken for the next request
-        body = err.anthropic_body() if is_messages_path(self.route_path) else err.body()
+        body = err.anthropic_body() if self.messages_api else err.body()
         try:
             self.send_json(err.status, body, err.headers)
         except ClientGone:

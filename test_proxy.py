@@ -1475,6 +1475,11 @@ def text_delta(text):
     return stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
 
 
+def thinking_delta(text):
+    return stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "thinking_delta", "thinking": text}})
+
+
 def message_start(input_tokens=10, cache_read=0):
     return stream_event({"type": "message_start", "message": {"usage": {
         "input_tokens": input_tokens, "cache_read_input_tokens": cache_read, "output_tokens": 1}}})
@@ -1498,17 +1503,14 @@ ABANDONED = stream_event({"type": "message_stop"},
 
 
 def test_a_burst_of_deltas_of_one_block_is_read_as_one_delta():
-    def thinking(text, index=0):
-        return stream_event({"type": "content_block_delta", "index": index,
-                             "delta": {"type": "thinking_delta", "thinking": text}})
     second_block = text_delta("x")
     second_block["event"]["index"] = 1
-    lines = [thinking("Hm"), thinking("m."), text_delta("He"), text_delta("l"), text_delta("lo"), second_block,
-             message_start(), text_delta("!"), "not json", [1], text_delta("?")]
+    lines = [thinking_delta("Hm"), thinking_delta("m."), text_delta("He"), text_delta("l"), text_delta("lo"),
+             second_block, message_start(), text_delta("!"), "not json", [1], text_delta("?")]
     raw = [(line if isinstance(line, str) else json.dumps(line)).encode() for line in lines]
     assert cmp.stream_json_events(raw) == [
-        thinking("Hmm."), text_delta("Hello"), second_block, message_start(), text_delta("!"), b"not json", b"[1]",
-        text_delta("?")]
+        thinking_delta("Hmm."), text_delta("Hello"), second_block, message_start(), text_delta("!"), b"not json",
+        b"[1]", text_delta("?")]
 
 
 @pytest.mark.parametrize("text", ["plain ", 'a "quote", a \\ and\na line', "é ünïcode 😀", ""])
@@ -1559,11 +1561,6 @@ def test_text_deltas_and_the_end_of_a_turn():
     assert out == [TurnStart(Usage(input_tokens=10, output_tokens=1)), TextDelta("Hello "), TextDelta("world"),
                    TurnEnd("end_turn", Usage(input_tokens=3, output_tokens=2, cache_read_tokens=100,
                                              cache_write_tokens=20, reasoning_tokens=1), "Hello world")]
-
-
-def thinking_delta(text):
-    return stream_event({"type": "content_block_delta", "index": 0,
-                         "delta": {"type": "thinking_delta", "thinking": text}})
 
 
 def signature_delta(signature):
